@@ -1,0 +1,33 @@
+"""BBDecoder: see inside a PyTorch model while it trains."""
+
+from ._version import __version__
+from .analyzer import Master_analyzer
+from .errors import (
+    BBDecoderError,
+    BBDecoderTypeError,
+    BBDecoderValueError,
+    BBDecoderWarning,
+    GradientAlertWarning,
+    GraphvizMissingWarning,
+    LayerSelectionError,
+    MissingDependencyError,
+    ModelForwardError,
+    SavePathError,
+    VideoWriteError,
+)
+
+__all__ = [
+    "BBDecoderError",
+    "BBDecoderTypeError",
+    "BBDecoderValueError",
+    "BBDecoderWarning",
+    "GradientAlertWarning",
+    "GraphvizMissingWarning",
+    "LayerSelectionError",
+    "Master_analyzer",
+    "MissingDependencyError",
+    "ModelForwardError",
+    "SavePathError",
+    "VideoWriteError",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Analysis mixins composed by :class:`BBDecoder.Master_analyzer`."""

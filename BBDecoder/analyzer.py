@@ -1,0 +1,266 @@
+"""``Master_analyzer``: wraps a model, numbers its layers, and hosts every analysis."""
+
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed
+from ._model import dummy_input, shape_of, validate_input_size
+from ._version import __version__
+from .analysis.cost import CostMixin
+from .analysis.features import FeatureMixin
+from .analysis.gradcam import GradCamMixin
+from .analysis.gradients import GradientMixin
+from .analysis.report import ReportMixin
+from .analysis.similarity import SimilarityMixin
+from .analysis.weights import WeightMixin
+from .errors import BBDecoderTypeError, BBDecoderWarning, ModelForwardError
+from .graph import draw_architecture
+from .hooks import HookRegistry
+from .layers import LayerTable, unwrap_model
+from .store import RUN_NAME, Store, now_iso
+from .summary import format_table
+
+
+class Master_analyzer(
+    GradientMixin,
+    WeightMixin,
+    SimilarityMixin,
+    FeatureMixin,
+    GradCamMixin,
+    CostMixin,
+    ReportMixin,
+):
+    """Wrap ``model`` for analysis without changing it.
+
+    The model object, its ``state_dict`` keys, outputs and gradients stay exactly as they
+    were; hooks exist only during the analysis calls that need them.
+
+    Args:
+        model: the ``nn.Module`` to analyse; DDP/DataParallel and ``torch.compile``
+            wrappers are accepted and their inner module is numbered.
+        save_path: folder for every output; created if missing.
+        input_size: shape of one input batch, e.g. ``[1, 3, 32, 32]`` (or a list of
+            shapes), used for output shapes in the summary and for the architecture graph.
+        depth: number modules down to this depth (1: the top-level children).
+        verbose: print the summary at construction and tables after analysis calls.
+        include_bias: also record gradient statistics of biases.
+        vanish_threshold: mean |grad| below this is reported as vanishing.
+        explode_threshold: mean |grad| above this is reported as exploding.
+        tensorboard_dir: also log to TensorBoard in this folder (needs ``tensorboard``).
+
+    Raises:
+        BBDecoderTypeError: ``model`` is not an ``nn.Module``.
+        SavePathError: ``save_path`` is a file or cannot be created.
+        LayerSelectionError, BBDecoderValueError: a bad ``depth`` or ``input_size``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        save_path: str | os.PathLike[str],
+        input_size: list[int] | list[list[int]] | None = None,
+        *,
+        depth: int = 1,
+        verbose: bool = True,
+        include_bias: bool = False,
+        vanish_threshold: float = 1e-8,
+        explode_threshold: float = 1e3,
+        tensorboard_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise BBDecoderTypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}")
+        if not isinstance(save_path, (str, os.PathLike)):
+            raise BBDecoderTypeError(f"save_path must be a str or os.PathLike, got {type(save_path).__name__}")
+        self.model = model
+        self.inner = unwrap_model(model)
+        self.input_size = validate_input_size(input_size)
+        self.layers = LayerTable(self.inner, depth)
+        self.verbose = bool(verbose)
+        self.store = Store(save_path)
+        self.hooks = HookRegistry()
+        self._example_input: Any = None
+        self._output_shapes: dict[int, Any] = {}
+        self._init_gradients(
+            include_bias=include_bias,
+            vanish_threshold=vanish_threshold,
+            explode_threshold=explode_threshold,
+        )
+        self._init_mixins(tensorboard_dir=tensorboard_dir)
+        self._write_run_record()
+        if self.input_size is not None:
+            self._fill_output_shapes("Master_analyzer")
+        if self.verbose:
+            self.summary()
+        if self.input_size is not None:
+            self.visualize_architecture()
+
+    def _init_mixins(self, **options: Any) -> None:
+        """Let each analysis set up its own state (each mixin's ``_init_*`` method)."""
+        for name in ("_init_weights", "_init_similarity", "_init_features", "_init_report"):
+            init = getattr(self, name, None)
+            if init is not None:
+                init(**options) if name == "_init_report" else init()
+
+    # ------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Remove every hook BBDecoder still holds and flush open writers (idempotent)."""
+        self.hooks.remove_all()
+        closer = getattr(self, "_close_report", None)
+        if closer is not None:
+            closer()
+
+    def __enter__(self) -> Master_analyzer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Master_analyzer({type(self.inner).__name__}, save_path={str(self.store.root)!r}, "
+            f"depth={self.layers.depth}, layers={len(self.layers)})"
+        )
+
+    # -------------------------------------------------------------- running
+    def forward_propagation(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Return exactly what ``model(x, *args, **kwargs)`` returns."""
+        if self._example_input is None and self.input_size is None:
+            self._example_input = _shape_spec(x)
+        return self.model(x, *args, **kwargs)
+
+    __call__ = forward_propagation
+
+    # -------------------------------------------------------------- summary
+    def summary(self, *, costs: bool = False) -> list[dict[str, Any]]:
+        """The layer table: ``id, name, type, params, trainable_params, output_shape``.
+
+        Printed when ``verbose``. Output shapes are known once ``input_size`` was given or
+        the model has run through :meth:`forward_propagation`.
+
+        Args:
+            costs: also add the columns of :meth:`layer_costs` (one extra measured pass).
+        """
+        if not self._output_shapes:
+            self._fill_output_shapes("summary")
+        rows = [
+            {
+                "id": layer.id,
+                "name": layer.name,
+                "type": layer.type,
+                "params": layer.parameter_count(),
+                "trainable_params": layer.parameter_count(trainable_only=True),
+                "output_shape": self._output_shapes.get(layer.id),
+            }
+            for layer in self.layers
+        ]
+        columns = ["id", "name", "type", "output_shape", "params", "trainable_params"]
+        if costs:
+            example = self._example()
+            if example is not None:
+                by_id = {row["id"]: row for row in self.layer_costs(example)}
+                for row in rows:
+                    for key in ("forward_flops", "backward_flops", "forward_ms", "activation_bytes"):
+                        row[key] = by_id[row["id"]][key]
+                columns += ["forward_flops", "forward_ms", "activation_bytes"]
+        self._say(format_table(rows, title=self._title(), totals=self._totals(), columns=columns))
+        return rows
+
+    def _title(self) -> str:
+        return f"Master_analyzer: {type(self.inner).__name__}, depth={self.layers.depth}, {len(self.layers)} layers"
+
+    def _totals(self) -> dict[str, int]:
+        params = list(self.inner.parameters())
+        return {
+            "params": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+        }
+
+    def _example(self) -> Any:
+        """A dummy input from ``input_size`` or from the first forward pass's shapes."""
+        if self.input_size is not None:
+            return dummy_input(self.input_size, self.device)
+        if self._example_input is not None:
+            return dummy_input(self._example_input, self.device)
+        return None
+
+    def _fill_output_shapes(self, call: str) -> None:
+        example = self._example()
+        if example is None:
+            return
+        try:
+            first, rest = (example[0], tuple(example[1:])) if isinstance(example, tuple) else (example, ())
+            _, outputs = self._capture(first, list(self.layers), call, args=rest)
+        except ModelForwardError as error:
+            warnings.warn(f"output shapes unknown: {error}", BBDecoderWarning, stacklevel=3)
+            return
+        self._output_shapes = {lid: shape_of(out) for lid, out in outputs.items()}
+
+    def visualize_architecture(self) -> list[Path]:
+        """Draw the torchview graph with layer IDs into ``save_path/architecture/``.
+
+        Returns the files written: PNG and SVG with Graphviz's ``dot``, the ``.gv`` source
+        always. A failure warns and returns ``[]``; only rank 0 draws.
+        """
+        example = self._example()
+        if example is None:
+            warnings.warn(
+                "visualize_architecture needs input_size (or one forward_propagation call first)",
+                BBDecoderWarning,
+                stacklevel=2,
+            )
+            return []
+        if not distributed.is_main_process():
+            return []
+        return draw_architecture(self.inner, example, self.layers, self.store)
+
+    # ------------------------------------------------------------- run.json
+    def _write_run_record(self) -> None:
+        path = self.store.root / RUN_NAME
+        previous: dict[str, Any] = {}
+        if path.is_file():
+            import json
+
+            try:
+                previous = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                previous = {}
+        started = now_iso()
+        record = {
+            "library": "BBDecoder",
+            "version": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "created": previous.get("created", started),
+            "updated": started,
+            "sessions": [*previous.get("sessions", []), {"started": started, "pid": os.getpid()}],
+            "model": type(self.inner).__name__,
+            "depth": self.layers.depth,
+            "input_size": self.input_size,
+            "world_size": distributed.world_size(),
+            "layers": [
+                {
+                    "id": layer.id,
+                    "name": layer.name,
+                    "type": layer.type,
+                    "params": layer.parameter_count(),
+                    "trainable_params": layer.parameter_count(trainable_only=True),
+                }
+                for layer in self.layers
+            ],
+        }
+        self.store.write_json(RUN_NAME, record, overwrite=True)
+
+
+def _shape_spec(x: Any) -> Any:
+    """The shape(s) of a forward input, kept instead of the tensor itself."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return list(x.shape)
+    return None

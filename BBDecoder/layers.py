@@ -1,0 +1,148 @@
+"""The layer table: IDs, dotted names, and resolution of user selectors."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import nn
+
+from .errors import BBDecoderTypeError, LayerSelectionError
+
+Selector = Union[int, str, Sequence[int | str], None]
+ROOT_NAME = "(model)"
+
+
+@dataclass
+class Layer:
+    """One numbered layer of the wrapped model."""
+
+    id: int
+    name: str
+    module: nn.Module = field(repr=False)
+    depth: int
+
+    @property
+    def type(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def label(self) -> str:
+        """``"3 layer1.0"``: how a layer is shown to people."""
+        return f"{self.id} {self.name}"
+
+    def parameter_count(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's own module inside DDP/DataParallel/FSDP-wrapper/``torch.compile`` layers."""
+    inner = model
+    for _ in range(8):  # wrappers can nest: compile(DDP(model)) or DDP(compile(model))
+        if hasattr(inner, "_orig_mod") and isinstance(inner._orig_mod, nn.Module):
+            inner = inner._orig_mod
+        elif isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = inner.module
+        else:
+            break
+    return inner
+
+
+class LayerTable(Sequence[Layer]):
+    """Layers of ``model`` down to ``depth``, numbered in pre-order.
+
+    With ``depth=1`` the top-level children get IDs ``0..N-1`` in registration order;
+    with ``depth=k`` every module down to depth ``k`` is numbered, parents before their
+    children. A model without children is one layer, the model itself.
+    """
+
+    def __init__(self, model: nn.Module, depth: int = 1) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int):
+            raise BBDecoderTypeError(f"depth must be a positive int, got {depth!r}")
+        if depth < 1:
+            raise LayerSelectionError(f"depth must be at least 1, got depth={depth}")
+        self.depth = depth
+        layers: list[Layer] = []
+        for name, module in model.named_modules():
+            level = name.count(".") + 1 if name else 0
+            if 1 <= level <= depth:
+                layers.append(Layer(len(layers), name, module, level))
+        if not layers:
+            layers.append(Layer(0, ROOT_NAME, model, 0))
+        self._layers = layers
+        self._by_name = {layer.name: layer for layer in layers}
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, index: int) -> Layer:  # type: ignore[override]
+        return self._layers[index]
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self._layers)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    def resolve(self, selector: Selector, argument: str = "layer_inds", *, default_all: bool = False) -> list[Layer]:
+        """Layers selected by IDs, dotted names, or a list mixing both (duplicates dropped).
+
+        Args:
+            selector: an int ID (negative counts from the end), a dotted name, or a
+                list/tuple of those; ``None`` selects every layer when ``default_all``.
+            argument: the argument's name, used in error messages.
+            default_all: whether ``None`` means "all layers".
+
+        Raises:
+            BBDecoderTypeError: a selector of the wrong type (bool, float, dict…).
+            LayerSelectionError: an unknown name, an ID out of range, an empty list.
+        """
+        if selector is None:
+            if default_all:
+                return list(self._layers)
+            raise LayerSelectionError(f"{argument}=None: select at least one layer by ID (0..{len(self) - 1}) or name")
+        items: Sequence[Any]
+        if isinstance(selector, (int, str)) and not isinstance(selector, bool):
+            items = [selector]
+        elif isinstance(selector, (list, tuple)):
+            if not selector:
+                raise LayerSelectionError(
+                    f"{argument}=[]: select at least one layer by ID (0..{len(self) - 1}) or name"
+                )
+            items = selector
+        else:
+            raise BBDecoderTypeError(
+                f"{argument} must be an int ID, a layer name, or a list of them; "
+                f"got {type(selector).__name__} {selector!r}"
+            )
+        chosen: list[Layer] = []
+        for item in items:
+            layer = self.one(item, argument)
+            if layer not in chosen:
+                chosen.append(layer)
+        return chosen
+
+    def one(self, item: Any, argument: str = "layer") -> Layer:
+        """The single layer named by an int ID or a dotted name."""
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise BBDecoderTypeError(f"{argument} must hold int IDs or str names; got {type(item).__name__} {item!r}")
+        if isinstance(item, int):
+            count = len(self._layers)
+            if not -count <= item < count:
+                raise LayerSelectionError(
+                    f"{argument}: layer ID {item} is out of range; valid IDs are "
+                    f"0..{count - 1} (or -{count}..-1 from the end)"
+                )
+            return self._layers[item]
+        if item in self._by_name:
+            return self._by_name[item]
+        close = difflib.get_close_matches(item, self.names, n=3, cutoff=0.5)
+        hint = (
+            f"; did you mean {', '.join(map(repr, close))}?"
+            if close
+            else (f"; names at depth {self.depth} include {', '.join(map(repr, self.names[:5]))}")
+        )
+        raise LayerSelectionError(f"{argument}: no layer named {item!r}{hint}")
