@@ -1,0 +1,102 @@
+"""The store: atomic writes, no overwrite, no escape from save_path, manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from BBDecoder.errors import SavePathError
+from BBDecoder.store import Store, safe_name
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("layer1.0.conv1", "layer1.0.conv1"),
+        ("/etc/passwd", "etc_passwd"),
+        ("..", "unnamed"),
+        ("../../x", "x"),
+        ("<script>", "script"),
+        ("a b&c", "a_b_c"),
+        ("\n", "unnamed"),
+    ],
+)
+def test_safe_name(name: str, expected: str) -> None:
+    assert safe_name(name) == expected
+    assert "/" not in safe_name(name) and not safe_name(name).startswith(".")
+
+
+def test_safe_name_keeps_long_names_distinct() -> None:
+    a, b = safe_name("x" * 300 + "a"), safe_name("x" * 300 + "b")
+    assert a != b and len(a) <= 80
+
+
+def test_writes_are_never_overwritten(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    first = store.write_text("g/epoch_001.csv", "one")
+    second = store.write_text("g/epoch_001.csv", "two")
+    third = store.write_text("g/epoch_001.csv", "three")
+    assert [p.name for p in (first, second, third)] == ["epoch_001.csv", "epoch_001-1.csv", "epoch_001-2.csv"]
+    assert first.read_text() == "one" and second.read_text() == "two"
+    assert sorted(os.listdir(tmp_path / "g")) == ["epoch_001-1.csv", "epoch_001-2.csv", "epoch_001.csv"]
+
+
+def test_overwrite_is_explicit_and_atomic(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write_json("meta.json", {"a": 1}, overwrite=True)
+    store.write_json("meta.json", {"a": 2}, overwrite=True)
+    assert json.loads((tmp_path / "meta.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("bad", ["../outside.txt", "/tmp/elsewhere.txt", "a/../../b.txt"])
+def test_paths_cannot_escape(tmp_path: Path, bad: str) -> None:
+    store = Store(tmp_path / "root")
+    with pytest.raises(SavePathError, match="outside save_path"):
+        store.write_text(bad, "x")
+
+
+def test_save_path_that_is_a_file(tmp_path: Path) -> None:
+    file = tmp_path / "taken"
+    file.write_text("user data")
+    with pytest.raises(SavePathError, match="taken"):
+        Store(file)
+    with pytest.raises(SavePathError, match="cannot be created"):
+        Store(file / "sub")
+    assert file.read_text() == "user data"
+
+
+def test_arrays_and_csv_round_trip(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    array = np.arange(12.0).reshape(3, 4)
+    path = store.write_npy("a.npy", array)
+    assert np.array_equal(np.load(path, allow_pickle=False), array)
+    npz = store.write_npz("b.npz", {"edges": array[0], "counts": array[1]})
+    with np.load(npz) as data:
+        assert np.array_equal(data["counts"], array[1])
+    csv_path = store.write_csv("t.csv", ["x", "y"], [(1, 2.5), (3, float("nan"))])
+    assert csv_path.read_text() == "x,y\n1,2.5\n3,nan\n"
+
+
+def test_manifest_survives_a_new_store(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write_text("f/1.txt", "a", section="features", meta={"frame": 0})
+    store.write_text("f/1.txt", "b", section="features", meta={"frame": 1})
+    store.write_text("w.txt", "c", section="weights")
+    again = Store(tmp_path)
+    frames = again.outputs("features")
+    assert [(e["path"], e["frame"]) for e in frames] == [("f/1.txt", 0), ("f/1-1.txt", 1)]
+    assert len(again.outputs()) == 3
+
+
+def test_adopt_moves_scratch_file_into_place(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    scratch = store.scratch_file(".bin")
+    scratch.write_bytes(b"video")
+    final = store.adopt(scratch, "videos/v.bin", section="video")
+    assert final.read_bytes() == b"video" and not scratch.exists()
+    assert store.outputs("video")[0]["path"] == "videos/v.bin"
