@@ -55,7 +55,7 @@ def test_wrapping_changes_nothing(name: str, tmp_path: Path) -> None:
         assert (p1.grad is None) == (p2.grad is None)
         if p1.grad is not None:
             assert torch.equal(p1.grad, p2.grad), n1
-    for (b1, t1), (b2, t2) in zip(plain.named_buffers(), model.named_buffers(), strict=True):
+    for (b1, t1), (_b2, t2) in zip(plain.named_buffers(), model.named_buffers(), strict=True):
         assert torch.equal(t1, t2), b1
     wm.close()
     assert count_module_hooks(model) == hooks_before

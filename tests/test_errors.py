@@ -56,7 +56,7 @@ def test_not_a_module(tmp_path: Path) -> None:
 def test_save_path_is_a_file(tmp_path: Path) -> None:
     file = tmp_path / "results.txt"
     file.write_text("keep me")
-    with pytest.raises(SavePathError, match="results.txt"):
+    with pytest.raises(SavePathError, match=r"results\.txt"):
         Master_analyzer(SmallCNN(), file, verbose=False)
     assert file.read_text() == "keep me"
     with pytest.raises(ValueError, match="cannot be created"):
@@ -78,7 +78,7 @@ def test_bad_input_size(tmp_path: Path, size: object) -> None:
 
 
 def test_loss_not_a_tensor(wm: Master_analyzer) -> None:
-    with pytest.raises(TypeError, match="loss must be a torch.Tensor, got float"):
+    with pytest.raises(TypeError, match=r"loss must be a torch\.Tensor, got float"):
         wm.backward_propagation(0.5)  # type: ignore[arg-type]
 
 
