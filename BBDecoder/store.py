@@ -35,6 +35,7 @@ MANIFEST_NAME = "manifest.json"
 RUN_NAME = "run.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 80
+_FILE_MODE = 0o644
 
 
 def safe_name(name: str) -> str:
@@ -200,6 +201,7 @@ class Store:
         scratch = self.folder(".tmp")
         handle, name = tempfile.mkstemp(suffix=suffix, dir=scratch)
         os.close(handle)
+        os.chmod(name, _FILE_MODE)
         return Path(name)
 
     # -------------------------------------------------------------- manifest
@@ -209,6 +211,7 @@ class Store:
 
     def _record(self, path: Path, section: str, meta: dict[str, Any]) -> None:
         entry = {"section": section, "path": self.relative(path), "time": now_iso(), **meta}
+        self._manifest = self._load_manifest()  # another analyzer on this folder may have added entries
         self._manifest.append(entry)
         text = json.dumps(self._manifest, indent=1, default=_json_default) + "\n"
         self._commit(self.root / MANIFEST_NAME, text.encode(), overwrite=True)
@@ -231,6 +234,7 @@ class Store:
                 stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
+            os.chmod(temp_name, _FILE_MODE)  # mkstemp makes 0600; outputs are ordinary files
             if overwrite:
                 os.replace(temp_name, target)
                 return target

@@ -100,3 +100,16 @@ def test_adopt_moves_scratch_file_into_place(tmp_path: Path) -> None:
     final = store.adopt(scratch, "videos/v.bin", section="video")
     assert final.read_bytes() == b"video" and not scratch.exists()
     assert store.outputs("video")[0]["path"] == "videos/v.bin"
+
+
+def test_two_stores_on_one_folder_keep_each_others_entries(tmp_path: Path) -> None:
+    first, second = Store(tmp_path), Store(tmp_path)
+    first.write_text("a.txt", "a", section="x")
+    second.write_text("b.txt", "b", section="x")
+    first.write_text("c.txt", "c", section="x")
+    assert [e["path"] for e in Store(tmp_path).outputs("x")] == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_outputs_are_readable_files(tmp_path: Path) -> None:
+    path = Store(tmp_path).write_text("a.txt", "a")
+    assert path.stat().st_mode & 0o777 == 0o644
