@@ -1,9 +1,331 @@
-"""Per-layer cost: parameters, FLOPs, time, memory (issue: Grad-CAM and cost)."""
+"""Per-layer cost: parameters, forward and backward FLOPs, forward time, activation memory.
+
+FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts
+as 2 FLOPs; only the ops in its registry — matmuls, convolutions, attention — are
+counted). It attributes every counted op to the modules running at that moment, so a
+parent's count includes its children's, and at depth 1 the layers' forward FLOPs add up to
+the model's total whenever all counted ops run inside a top-level child.
+"""
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .._model import dummy_input, eval_mode, shape_of, to_device, validate_input_size
+from ..errors import BBDecoderTypeError, BBDecoderValueError, ModelForwardError
+from ..layers import Layer
 from ._base import AnalyzerBase
+
+COST_KEYS = ("id", "name", "params", "forward_flops", "backward_flops", "forward_ms", "activation_bytes")
+CSV_COLUMNS = (
+    "id",
+    "name",
+    "type",
+    "params",
+    "forward_flops",
+    "backward_flops",
+    "forward_ms",
+    "forward_ms_p25",
+    "forward_ms_p75",
+    "activation_bytes",
+)
+SECTION = "costs"
 
 
 class CostMixin(AnalyzerBase):
-    """Not built yet."""
+    """``layer_costs``: what each layer costs in parameters, FLOPs, time and memory."""
+
+    def layer_costs(
+        self,
+        input_size_or_example: Any,
+        *,
+        repeats: int = 7,
+        warmup: int = 1,
+    ) -> list[dict[str, Any]]:
+        """Measure each layer at the current depth on one input batch.
+
+        The model runs in eval mode (BatchNorm statistics and dropout untouched) and is
+        left exactly as it was: modes, hooks and every parameter's ``.grad``.
+
+        * ``params``: parameters of the layer (including its children's).
+        * ``forward_flops``: FLOPs of the forward pass on this batch.
+        * ``backward_flops``: FLOPs of the backward pass a training step would run, i.e.
+          the gradients of every trainable parameter of the sum of the model's outputs
+          (computed with ``torch.autograd.grad``, so ``.grad`` is never written).
+        * ``forward_ms``: median over ``repeats`` timed forward passes (under
+          ``torch.no_grad``, after ``warmup`` untimed ones); on CUDA the device is
+          synchronised at every layer boundary.
+        * ``activation_bytes``: bytes of the tensors the layer returns, summed over its
+          calls in one forward pass.
+
+        A layer that never runs gets zeros. Writes ``costs/layer_costs.csv`` and bar
+        charts ``costs/flops.png`` and ``costs/time.png``.
+
+        Args:
+            input_size_or_example: an input shape such as ``[8, 3, 32, 32]`` (zeros of that
+                shape are used), a list of shapes for several inputs, an example tensor,
+                or a tuple of example tensors (passed as positional inputs).
+            repeats: timed forward passes (at least 1).
+            warmup: untimed forward passes before them (at least 0).
+
+        Returns:
+            One dict per layer with the keys ``id, name, params, forward_flops,
+            backward_flops, forward_ms, activation_bytes``.
+
+        Raises:
+            BBDecoderTypeError, BBDecoderValueError: a bad argument.
+            ModelForwardError: the model raised on the input.
+        """
+        x, rest = self._cost_input(input_size_or_example)
+        for argument, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise BBDecoderValueError(f"{argument} must be an int >= {least}, got {argument}={value!r}")
+        layers = list(self.layers)
+        forward, backward, totals = self._count_flops(layers, x, rest)
+        samples, activation, total_ms = self._time_layers(layers, x, rest, repeats=repeats, warmup=warmup)
+        rows: list[dict[str, Any]] = []
+        extra: list[dict[str, Any]] = []
+        for layer in layers:
+            times = samples[layer.id]
+            rows.append(
+                {
+                    "id": layer.id,
+                    "name": layer.name,
+                    "params": layer.parameter_count(),
+                    "forward_flops": forward[layer.id],
+                    "backward_flops": backward[layer.id],
+                    "forward_ms": float(statistics.median(times)),
+                    "activation_bytes": activation[layer.id],
+                }
+            )
+            low, high = _quartiles(times)
+            extra.append({"type": layer.type, "forward_ms_p25": low, "forward_ms_p75": high})
+        totals["forward_ms"] = total_ms
+        shape = shape_of(x) if not rest else shape_of([x, *rest])
+        self._save_costs(rows, extra, totals, repeats=repeats, input_shape=shape)
+        return rows
+
+    # ------------------------------------------------------------- inputs
+    def _cost_input(self, spec: Any) -> tuple[Any, tuple[Any, ...]]:
+        """Split ``input_size_or_example`` into the first input and the other positional inputs."""
+        argument = "input_size_or_example"
+        if isinstance(spec, torch.Tensor):
+            return spec, ()
+        if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, torch.Tensor) for s in spec):
+            return spec[0], tuple(spec[1:])
+        if isinstance(spec, (list, tuple, torch.Size)):
+            try:
+                size = validate_input_size(list(spec))
+            except BBDecoderValueError as error:
+                raise BBDecoderValueError(
+                    f"{argument} must be an input shape such as [1, 3, 32, 32], a list of shapes, an example "
+                    f"tensor or a tuple of tensors; got {spec!r}"
+                ) from error
+            example = dummy_input(size or [], self.device)
+            if isinstance(example, tuple):
+                return example[0], example[1:]
+            return example, ()
+        raise BBDecoderTypeError(
+            f"{argument} must be an input shape (list of ints), a list of shapes, a tensor or a tuple of tensors; "
+            f"got {type(spec).__name__} {spec!r:.80}"
+        )
+
+    # -------------------------------------------------------------- FLOPs
+    def _count_flops(
+        self, layers: list[Layer], x: Any, rest: tuple[Any, ...]
+    ) -> tuple[dict[int, int], dict[int, int], dict[str, Any]]:
+        """Forward and backward FLOPs per layer, and the model's totals."""
+        trainable = [p for p in self.inner.parameters() if p.requires_grad]
+        with FlopCounterMode(display=False) as counter:
+            output, _ = self._capture(x, [], "layer_costs", grad=True, keep_graph=True, args=rest)
+            after_forward = counter.get_flop_counts()
+            loss = _output_sum(output)
+            if loss is not None and trainable:
+                # autograd.grad, not backward(): the user's .grad stay exactly as they were
+                torch.autograd.grad(loss, trainable, allow_unused=True)
+            after_backward = counter.get_flop_counts()
+        del output, loss
+        names = _tracker_names(counter, self.inner)
+
+        def total(counts: Mapping[str, Mapping[Any, int]], key: str | None) -> int:
+            return int(sum(counts.get(key, {}).values())) if key is not None else 0
+
+        forward: dict[int, int] = {}
+        backward: dict[int, int] = {}
+        for layer in layers:
+            key = names.get(layer.module)
+            forward[layer.id] = total(after_forward, key)
+            backward[layer.id] = total(after_backward, key) - forward[layer.id]
+        model_forward = total(after_forward, "Global")
+        totals = {
+            "forward_flops": model_forward,
+            "backward_flops": total(after_backward, "Global") - model_forward,
+        }
+        return forward, backward, totals
+
+    # --------------------------------------------------------------- time
+    def _time_layers(
+        self, layers: list[Layer], x: Any, rest: tuple[Any, ...], *, repeats: int, warmup: int
+    ) -> tuple[dict[int, list[float]], dict[int, int], float]:
+        """Per-layer forward times (ms, one per repeat), output bytes, and the whole pass's median ms."""
+        device = self.device
+        synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        starts: dict[int, list[float]] = defaultdict(list)
+        elapsed: dict[int, float] = defaultdict(float)
+        activation: dict[int, int] = defaultdict(int)
+        state = {"first": True}
+
+        def enter(layer: Layer) -> Any:
+            def hook(_module: nn.Module, _inputs: Any) -> None:
+                synchronize()
+                starts[layer.id].append(time.perf_counter())
+
+            return hook
+
+        def leave(layer: Layer) -> Any:
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                synchronize()
+                if starts[layer.id]:
+                    elapsed[layer.id] += time.perf_counter() - starts[layer.id].pop()
+                if state["first"]:
+                    activation[layer.id] += sum(t.numel() * t.element_size() for t in _tensors(output))
+
+            return hook
+
+        samples: dict[int, list[float]] = {layer.id: [] for layer in layers}
+        whole: list[float] = []
+        x = to_device(x, device)
+        rest = to_device(rest, device)
+        with self.hooks.session() as hooks, eval_mode(self.inner), torch.no_grad():
+            for layer in layers:
+                hooks.forward_pre(layer.module, enter(layer))
+                hooks.forward(layer.module, leave(layer))
+            for run in range(warmup + repeats):
+                starts.clear()
+                elapsed.clear()
+                state["first"] = run == 0
+                synchronize()
+                began = time.perf_counter()
+                try:
+                    self.inner(x, *rest)
+                except Exception as error:
+                    raise ModelForwardError(
+                        f"layer_costs: the model's forward pass raised {type(error).__name__}: {error}"
+                    ) from error
+                synchronize()
+                if run >= warmup:
+                    whole.append(1000.0 * (time.perf_counter() - began))
+                    for layer in layers:
+                        samples[layer.id].append(1000.0 * elapsed.get(layer.id, 0.0))
+        return samples, {layer.id: activation.get(layer.id, 0) for layer in layers}, float(statistics.median(whole))
+
+    # -------------------------------------------------------------- output
+    def _save_costs(
+        self,
+        rows: list[dict[str, Any]],
+        extra: list[dict[str, Any]],
+        totals: dict[str, Any],
+        *,
+        repeats: int,
+        input_shape: list[Any],
+    ) -> None:
+        from ..plots.cost import flops_figure, time_figure
+
+        call = 1 + max((int(e.get("call", 0)) for e in self.store.outputs(SECTION)), default=0)
+        meta = {
+            "call": call,
+            **{f"total_{k}": v for k, v in totals.items()},
+            "repeats": repeats,
+            "input_shape": input_shape,
+            "device": self.device.type,
+        }
+        table = [{**row, **more} for row, more in zip(rows, extra, strict=True)]
+        csv_path = self.store.write_csv(
+            f"{SECTION}/layer_costs.csv",
+            CSV_COLUMNS,
+            ([row[c] for c in CSV_COLUMNS] for row in table),
+            section=SECTION,
+            meta={"kind": "csv", **meta},
+        )
+        if self.is_main_process:
+            labels = [f"{row['id']} {row['name']}" for row in rows]
+            model = type(self.inner).__name__
+            figure = flops_figure(
+                labels,
+                [row["forward_flops"] for row in rows],
+                [row["backward_flops"] for row in rows],
+                total_forward=totals["forward_flops"],
+                total_backward=totals["backward_flops"],
+                title=f"{model}: FLOPs per layer at depth {self.layers.depth}, input {input_shape}",
+            )
+            self.store.save_figure(figure, f"{SECTION}/flops.png", section=SECTION, meta={"kind": "flops", **meta})
+            figure = time_figure(
+                labels,
+                [row["forward_ms"] for row in rows],
+                [row["forward_ms_p25"] for row in table],
+                [row["forward_ms_p75"] for row in table],
+                whole_ms=totals["forward_ms"],
+                title=f"{model}: forward time per layer on {self.device.type}, input {input_shape} "
+                f"(median of {repeats}; whole forward {totals['forward_ms']:.3g} ms)",
+            )
+            self.store.save_figure(figure, f"{SECTION}/time.png", section=SECTION, meta={"kind": "time", **meta})
+        where = f" → {self.store.relative(csv_path)}" if csv_path is not None else ""
+        self._say(
+            f"layer_costs: {len(rows)} layers, forward {totals['forward_flops']:,} FLOPs, backward "
+            f"{totals['backward_flops']:,} FLOPs, forward {totals['forward_ms']:.3g} ms{where}"
+        )
+
+
+def _tracker_names(counter: FlopCounterMode, root: nn.Module) -> dict[nn.Module, str]:
+    """The key under which ``FlopCounterMode`` filed each module's counts.
+
+    Its module tracker names the root by its class and children by their dotted path
+    (``ResidualNet.layer1.0``); its own module → name table is used when present, since
+    it also covers modules registered under two names.
+    """
+    names: dict[nn.Module, str] = {}
+    prefix = type(root).__name__
+    for name, module in root.named_modules():
+        names.setdefault(module, f"{prefix}.{name}" if name else prefix)
+    known = getattr(getattr(counter, "mod_tracker", None), "_known_modules", None)
+    if known is not None:
+        for module in list(names):
+            if module in known:
+                names[module] = known[module]
+    return names
+
+
+def _tensors(output: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) output."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, Mapping):
+        for value in output.values():
+            yield from _tensors(value)
+    elif isinstance(output, (list, tuple)):
+        for value in output:
+            yield from _tensors(value)
+
+
+def _output_sum(output: Any) -> torch.Tensor | None:
+    """The sum of every floating output that carries a graph (the backward pass's seed)."""
+    parts = [t.sum() for t in _tensors(output) if t.is_floating_point() and t.requires_grad]
+    if not parts:
+        return None
+    return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles (linear interpolation; both equal the value for one sample)."""
+    if len(values) == 1:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return float(q1), float(q3)

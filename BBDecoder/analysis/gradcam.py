@@ -1,9 +1,302 @@
-"""Grad-CAM (issue: Grad-CAM and cost)."""
+"""Grad-CAM: which parts of the input a layer's features point to for a class.
+
+For a layer output ``A`` (channels ``k``) and a class score ``y``, Grad-CAM is
+``ReLU(sum_k w_k A_k)`` with ``w_k`` the spatial mean of ``dy/dA_k`` (Selvaraju et al.,
+2017). The activation is captured by a temporary forward hook and its gradient computed
+with ``torch.autograd.grad`` with respect to that captured tensor: no module backward
+hooks (they fail with in-place ReLU, pytorch#61519) and no ``.grad`` ever written.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._model import first_tensor
+from ..errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning
+from ..layers import Layer
+from ..store import safe_name
 from ._base import AnalyzerBase
+
+SECTION = "gradcam"
+ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GradCamResult:
+    """The maps of one Grad-CAM call, as plain data.
+
+    Attributes:
+        maps: ``(N, H, W)`` float32 in [0, 1], at the input's spatial size.
+        targets: the class used for each sample.
+        scores: each sample's target score (the class's mean score for segmentation).
+        kind: ``"classification"`` for ``(N, C)`` outputs, ``"segmentation"`` otherwise.
+    """
+
+    maps: np.ndarray
+    targets: list[int]
+    scores: list[float]
+    kind: str
 
 
 class GradCamMixin(AnalyzerBase):
-    """Not built yet."""
+    """``grad_cam``: class activation maps of any layer with a spatial output."""
+
+    def grad_cam(
+        self,
+        layer: int | str,
+        input_tensor: torch.Tensor,
+        target_class: int | Sequence[int] | None = None,
+        *,
+        reshape_transform: ReshapeTransform | None = None,
+    ) -> np.ndarray:
+        """Grad-CAM maps of ``layer`` for each sample of ``input_tensor``.
+
+        The model runs once in eval mode on the whole batch (samples must not interact,
+        which holds in eval mode). Modes, hooks and every parameter's ``.grad`` are left
+        exactly as they were, so a call in the middle of training changes nothing.
+        Saves, per sample, a figure with the input, the map and their overlay under
+        ``gradcam/<id>_<name>/``, and all maps as one ``.npy``.
+
+        Args:
+            layer: the layer's ID or dotted name; its output must be ``(N, C, H, W)``, or
+                become so through ``reshape_transform``. If the layer runs several times
+                in one forward pass, its first call is used (with a warning).
+            input_tensor: one batch ``(N, ...)`` for the model. For ``(N, C, H, W)``
+                images the maps are upsampled (bilinear) to ``(H, W)``; for other inputs
+                they keep the layer's spatial size.
+            target_class: ``None`` for each sample's top class; an int for the same class
+                in every sample; a list of ints, one per sample. The score is the class's
+                logit for ``(N, C)`` outputs, and its mean over all positions for
+                segmentation outputs ``(N, C, H, W)`` (where the top class is the one with
+                the highest mean score).
+            reshape_transform: maps the layer's output (and its gradient) to
+                ``(N, C, H, W)``, e.g. ViT tokens ``(N, T, D)`` to a ``(N, D, h, w)``
+                grid.
+
+        Returns:
+            ``(N, H, W)`` float32 maps, each min–max scaled to [0, 1] (all zeros where the
+            map is constant).
+
+        Raises:
+            LayerSelectionError: an unknown ``layer``.
+            BBDecoderTypeError: ``input_tensor`` is not a tensor, a bad ``target_class``
+                type, or ``reshape_transform`` is not callable or returns no tensor.
+            BBDecoderValueError: ``target_class`` out of range or of the wrong length,
+                a layer output that is not ``(N, C, H, W)``, a layer that does not run or
+                that the output does not depend on.
+            ModelForwardError: the model raised.
+        """
+        chosen = self._layer(layer, "layer")
+        if not isinstance(input_tensor, torch.Tensor):
+            raise BBDecoderTypeError(
+                f"input_tensor must be a torch.Tensor batch (N, ...), got {type(input_tensor).__name__}"
+            )
+        if input_tensor.ndim < 1 or input_tensor.shape[0] < 1:
+            raise BBDecoderValueError(
+                f"input_tensor must hold a batch of at least one sample, got shape {tuple(input_tensor.shape)}"
+            )
+        if reshape_transform is not None and not callable(reshape_transform):
+            raise BBDecoderTypeError(
+                f"reshape_transform must be callable (N, T, D) -> (N, C, H, W), got {type(reshape_transform).__name__}"
+            )
+        target = _check_target(target_class, input_tensor.shape[0])
+        result = self._grad_cam_maps(chosen, input_tensor, target, reshape_transform)
+        self._save_grad_cam(chosen, input_tensor, result, chosen_by_user=target_class is not None)
+        return result.maps
+
+    # ------------------------------------------------------------ compute
+    def _grad_cam_maps(
+        self,
+        layer: Layer,
+        x: torch.Tensor,
+        target: list[int] | int | None,
+        reshape_transform: ReshapeTransform | None,
+    ) -> GradCamResult:
+        """Run the model, take the gradient of the targets' scores, and build the maps."""
+        slot: dict[str, Any] = {"calls": 0}
+
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            slot["calls"] += 1
+            if slot["calls"] > 1:
+                return None
+            if not isinstance(output, torch.Tensor):
+                slot["activation"] = first_tensor(output, argument="layer")
+                return None
+            if not output.is_floating_point():
+                slot["activation"] = output
+                return None
+            # A leaf when nothing upstream needs gradients (a frozen stem), so d score / d A exists.
+            source = output if output.requires_grad else output.detach().requires_grad_(True)
+            slot["activation"] = source
+            # The rest of the model gets a copy: an in-place op downstream (ReLU(inplace=True))
+            # then changes the copy, and `source` keeps this layer's values and graph node.
+            return source.clone()
+
+        n = x.shape[0]
+        with self.hooks.session() as hooks:
+            hooks.forward(layer.module, keep)
+            output, _ = self._capture(x, [], "grad_cam", grad=True, keep_graph=True)
+        where = f"layer={layer.id} ({layer.name!r})"
+        if "activation" not in slot:
+            raise BBDecoderValueError(f"{where} did not run during the model's forward pass")
+        if slot["calls"] > 1:
+            warnings.warn(
+                f"grad_cam: {where} ran {slot['calls']} times in one forward pass; its first call is used",
+                BBDecoderWarning,
+                stacklevel=3,
+            )
+        activation: torch.Tensor = slot["activation"]
+        if not activation.is_floating_point():
+            raise BBDecoderValueError(f"{where} outputs {activation.dtype} values; Grad-CAM needs a floating output")
+        logits = first_tensor(output, argument="model output")
+        if logits.ndim < 2 or logits.shape[0] != n:
+            raise BBDecoderValueError(
+                f"grad_cam needs a model output (N, C) or (N, C, H, W) with N={n} samples; "
+                f"got shape {tuple(logits.shape)}"
+            )
+        kind = "classification" if logits.ndim == 2 else "segmentation"
+        class_scores = logits if logits.ndim == 2 else logits.flatten(2).mean(2)
+        targets = _resolve_targets(target, class_scores.detach())
+        scores = class_scores[torch.arange(n, device=class_scores.device), torch.tensor(targets, device=logits.device)]
+        if not scores.requires_grad:
+            raise BBDecoderValueError(f"the model's output does not depend on {where}: no gradient reaches it")
+        # Samples are independent in eval mode, so one backward pass of the sum gives each
+        # sample's own gradient. autograd.grad leaves every parameter's .grad untouched.
+        (gradient,) = torch.autograd.grad(scores.sum(), activation, allow_unused=True)
+        if gradient is None:
+            raise BBDecoderValueError(f"the model's output does not depend on {where}: no gradient reaches it")
+        values, gradient = activation.detach(), gradient.detach()
+        if reshape_transform is not None:
+            values, gradient = _reshaped(reshape_transform, values), _reshaped(reshape_transform, gradient)
+        if values.ndim != 4 or values.shape[0] != n:
+            hint = "" if reshape_transform is not None else "; pass reshape_transform to map it to (N, C, H, W)"
+            raise BBDecoderValueError(
+                f"{where} outputs shape {tuple(values.shape)}; Grad-CAM needs (N, C, H, W) with N={n}{hint}"
+            )
+        weights = gradient.float().mean(dim=(2, 3), keepdim=True)
+        cams = torch.relu((weights * values.float()).sum(dim=1, keepdim=True))
+        size = tuple(x.shape[-2:]) if x.ndim == 4 else tuple(cams.shape[-2:])
+        if tuple(cams.shape[-2:]) != size:
+            cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
+        maps = _min_max(cams[:, 0]).cpu().numpy().astype(np.float32)
+        return GradCamResult(maps=maps, targets=targets, scores=scores.detach().cpu().tolist(), kind=kind)
+
+    # --------------------------------------------------------------- save
+    def _save_grad_cam(self, layer: Layer, x: torch.Tensor, result: GradCamResult, *, chosen_by_user: bool) -> None:
+        from ..plots.gradcam import display_image, gradcam_figure
+
+        call = 1 + max((int(e.get("call") or 0) for e in self.store.outputs(SECTION)), default=0)
+        folder = f"{SECTION}/{layer.id}_{safe_name(layer.name)}"
+        base = {"call": call, "layer_id": layer.id, "layer_name": layer.name}
+        self.store.write_npy(
+            f"{folder}/call{call:03d}_maps.npy",
+            result.maps,
+            section=SECTION,
+            meta={**base, "sample": None, "kind": "maps", "target": list(result.targets)},
+        )
+        if not self.is_main_process:
+            return
+        samples = x.detach().cpu()
+        how = "chosen class" if chosen_by_user else "top class"
+        score_name = "mean score" if result.kind == "segmentation" else "score"
+        for i, (target, score) in enumerate(zip(result.targets, result.scores, strict=True)):
+            image = display_image(samples[i].float().numpy()) if x.ndim == 4 else None
+            title = (
+                f"Grad-CAM of layer {layer.id} {layer.name!r} · sample {i} · class {target} ({how}, "
+                f"{score_name} {score:.3g})"
+            )
+            figure = gradcam_figure(image, result.maps[i], title=title)
+            self.store.save_figure(
+                figure,
+                f"{folder}/call{call:03d}_sample{i:03d}_class{target}.png",
+                section=SECTION,
+                meta={**base, "sample": i, "kind": "overlay", "target": target},
+            )
+        self._say(
+            f"grad_cam: layer {layer.id} {layer.name!r}, {len(result.targets)} sample(s), classes "
+            f"{result.targets} → {folder}/"
+        )
+
+
+def _check_target(target_class: Any, n: int) -> list[int] | int | None:
+    """``target_class`` as ``None``, one int, or a list of ``n`` ints (checked before the forward pass)."""
+    if isinstance(target_class, (torch.Tensor, np.ndarray)):
+        if target_class.ndim > 1:
+            raise BBDecoderValueError(
+                f"target_class must be an int or a 1-D list of ints, got an array of shape {tuple(target_class.shape)}"
+            )
+        if isinstance(target_class, torch.Tensor):
+            integer = not (target_class.is_floating_point() or target_class.is_complex()) and (
+                target_class.dtype != torch.bool
+            )
+        else:
+            integer = target_class.dtype.kind in "iu"
+        if not integer:
+            raise BBDecoderTypeError(f"target_class must hold integer class indices, got dtype {target_class.dtype}")
+        target_class = target_class.tolist()
+    if target_class is None:
+        return None
+    if _is_int(target_class):
+        return int(target_class)
+    if not isinstance(target_class, (list, tuple)):
+        raise BBDecoderTypeError(
+            f"target_class must be None, an int, or a list of ints (one per sample); "
+            f"got {type(target_class).__name__} {target_class!r:.80}"
+        )
+    for i, item in enumerate(target_class):
+        if not _is_int(item):
+            raise BBDecoderTypeError(
+                f"target_class[{i}] must be an int class index, got {type(item).__name__} {item!r:.40}"
+            )
+    if len(target_class) != n:
+        raise BBDecoderValueError(
+            f"target_class has {len(target_class)} entries but input_tensor has {n} samples; "
+            f"give one class per sample, or a single int for all"
+        )
+    return [int(t) for t in target_class]
+
+
+def _resolve_targets(target: list[int] | int | None, class_scores: torch.Tensor) -> list[int]:
+    """One class index per sample, checked against the output's number of classes."""
+    n, classes = class_scores.shape
+    if target is None:
+        return [int(c) for c in class_scores.argmax(dim=1).tolist()]
+    items = [target] * n if isinstance(target, int) else target
+    for i, value in enumerate(items):
+        if not 0 <= value < classes:
+            label = "target_class" if isinstance(target, int) else f"target_class[{i}]"
+            raise BBDecoderValueError(
+                f"{label}={value} is out of range: the model's output has {classes} classes, "
+                f"so valid classes are 0..{classes - 1}"
+            )
+    return list(items)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _reshaped(transform: ReshapeTransform, tensor: torch.Tensor) -> torch.Tensor:
+    result = transform(tensor)
+    if not isinstance(result, torch.Tensor):
+        raise BBDecoderTypeError(
+            f"reshape_transform must return a tensor (N, C, H, W), returned {type(result).__name__}"
+        )
+    return result
+
+
+def _min_max(cams: torch.Tensor) -> torch.Tensor:
+    """Scale each ``(H, W)`` map to [0, 1]; a constant map becomes all zeros."""
+    flat = cams.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    span = (flat.max(dim=1).values - flat.min(dim=1).values)[:, None, None]
+    scaled = torch.where(span > 0, (cams - low) / span.clamp_min(torch.finfo(cams.dtype).tiny), torch.zeros_like(cams))
+    return scaled.clamp(0.0, 1.0)
