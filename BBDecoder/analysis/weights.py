@@ -1,9 +1,461 @@
-"""Weight histograms over training (issue: weights and similarity)."""
+"""Weight histograms over training (issue: weights and similarity).
+
+Histograms and statistics are computed on the parameters' device, in blocks of at most
+``chunk`` elements, without a single host synchronisation; the results of every tensor of
+every selected layer are then moved to the host in one copy per device. A bin holds
+``edges[i] <= w < edges[i+1]`` (the last bin also holds its right edge), as in
+``numpy.histogram``; the edges span the finite minimum to maximum of the tensor.
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning, SavePathError
+from ..layers import Layer, Selector
+from ..store import safe_name
 from ._base import AnalyzerBase
 
+DEFAULT_CHUNK = 1 << 24
+"""Largest number of elements of one parameter handled at once (as float64: 128 MiB)."""
 
+SATURATION = 0.99
+"""An element is saturated when ``|w| >= SATURATION * max|w|`` (within 1% of the extremes)."""
+
+_STATS = ("numel", "finite", "sum", "sum_squares", "mean", "std", "min", "max", "zeros", "saturated")
+
+
+class WeightHistogramWarning(BBDecoderWarning):
+    """A selected layer has no parameters, so it gets no weight histogram."""
+
+
+@dataclass
+class ParamHistogram:
+    """Histogram and statistics of one parameter tensor, on the host.
+
+    ``std`` is the population standard deviation; ``mean``, ``std``, ``min``, ``max``,
+    ``sum`` and ``sum_squares`` are over the finite elements; ``zeros_fraction`` and
+    ``saturation_fraction`` are fractions of all ``numel`` elements.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    edges: np.ndarray
+    counts: np.ndarray
+    numel: int
+    finite: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    sum: float
+    sum_squares: float
+    zeros_fraction: float
+    saturation_fraction: float
+
+    @property
+    def nonfinite(self) -> int:
+        return self.numel - self.finite
+
+    @property
+    def abs_max(self) -> float:
+        return max(abs(self.min), abs(self.max)) if self.finite else float("nan")
+
+
+@dataclass
+class LayerHistograms:
+    """Every parameter tensor of one layer at one call."""
+
+    layer_id: int
+    layer_name: str
+    layer_type: str
+    call: int
+    params: list[ParamHistogram] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ computation
+def _accumulator_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Statistics, bin edges and counts of ``tensor``, as one vector on its device.
+
+    Two passes over blocks of ``chunk`` elements, never a host synchronisation: the first
+    finds the finite range, sums, and zero count; the second bins (``torch.bucketize``
+    against the edges, then ``scatter_add_``: unlike ``torch.histc`` or ``bincount``,
+    neither needs the range on the host) and counts saturated elements. A tensor with a
+    single value gets edges ``value ± 0.5``, as ``numpy.histogram`` does.
+
+    Args:
+        tensor: any real tensor (a parameter).
+        bins: number of equal-width bins.
+        chunk: elements per block.
+
+    Returns:
+        ``[*stats, *edges, *counts]`` with ``stats`` in the order of ``_STATS``: a float64
+        (float32 on MPS) vector of ``len(_STATS) + 2 * bins + 1`` elements.
+    """
+    flat = tensor.detach().reshape(-1)
+    dtype = _accumulator_dtype(flat.device)
+
+    def zero() -> torch.Tensor:
+        return torch.zeros((), dtype=dtype, device=flat.device)
+
+    finite, total, squares, zeros = zero(), zero(), zero(), zero()
+    low = torch.full((), float("inf"), dtype=dtype, device=flat.device)
+    high = torch.full((), -float("inf"), dtype=dtype, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        block = flat[start : start + chunk].to(dtype)
+        ok = torch.isfinite(block)
+        clean = torch.where(ok, block, 0)
+        finite += ok.sum()
+        zeros += (block == 0).sum()
+        total += clean.sum()
+        squares += clean.square().sum()
+        low = torch.minimum(low, torch.where(ok, block, float("inf")).amin())
+        high = torch.maximum(high, torch.where(ok, block, -float("inf")).amax())
+    has_values = finite > 0
+    data_min = torch.where(has_values, low, float("nan"))
+    data_max = torch.where(has_values, high, float("nan"))
+    low = torch.where(has_values, low, 0)
+    high = torch.where(has_values, high, 0)
+    flat_range = high <= low
+    first = torch.where(flat_range, low - 0.5, low)
+    last = torch.where(flat_range, high + 0.5, high)
+    steps = torch.arange(bins + 1, dtype=dtype, device=flat.device) / bins
+    edges = first + (last - first) * steps
+    edges[0], edges[-1] = first, last
+    mean = total / finite.clamp_min(1)
+    abs_max = torch.maximum(low.abs(), high.abs())
+    threshold = torch.where(abs_max > 0, SATURATION * abs_max, float("inf"))
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=flat.device)  # last: non-finite
+    centred, saturated = zero(), zero()
+    for start in range(0, flat.numel(), chunk):
+        block = flat[start : start + chunk].to(dtype)
+        ok = torch.isfinite(block)
+        index = torch.bucketize(block, edges[1:-1], right=True)
+        index = torch.where(ok, index, bins)
+        counts.scatter_add_(0, index, torch.ones_like(index))
+        centred += torch.where(ok, block - mean, 0).square().sum()
+        saturated += (ok & (block.abs() >= threshold)).sum()
+    std = (centred / finite.clamp_min(1)).sqrt()
+    numel = torch.full((), flat.numel(), dtype=dtype, device=flat.device)
+    stats = torch.stack([numel, finite, total, squares, mean, std, data_min, data_max, zeros, saturated])
+    return torch.cat([stats, edges, counts[:bins].to(dtype)])
+
+
+def _unpack(name: str, shape: tuple[int, ...], vector: np.ndarray, bins: int) -> ParamHistogram:
+    stats = dict(zip(_STATS, vector[: len(_STATS)].tolist(), strict=True))
+    edges = vector[len(_STATS) : len(_STATS) + bins + 1].astype(np.float64)
+    counts = np.rint(vector[len(_STATS) + bins + 1 :]).astype(np.int64)
+    numel = int(stats["numel"])
+    return ParamHistogram(
+        name=name,
+        shape=shape,
+        edges=edges,
+        counts=counts,
+        numel=numel,
+        finite=int(stats["finite"]),
+        mean=stats["mean"] if stats["finite"] else float("nan"),
+        std=stats["std"] if stats["finite"] else float("nan"),
+        min=stats["min"],
+        max=stats["max"],
+        sum=stats["sum"],
+        sum_squares=stats["sum_squares"],
+        zeros_fraction=stats["zeros"] / numel if numel else 0.0,
+        saturation_fraction=stats["saturated"] / numel if numel else 0.0,
+    )
+
+
+def layer_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Named parameters of ``module`` (recursively) that hold values; lazy ones are left out."""
+    return [
+        (name, p)
+        for name, p in module.named_parameters()
+        if not isinstance(p, nn.parameter.UninitializedParameter) and p.numel() > 0 and not p.is_complex()
+    ]
+
+
+def collect_histograms(
+    layers: Sequence[Layer], bins: int, call: int, *, chunk: int = DEFAULT_CHUNK
+) -> list[LayerHistograms]:
+    """Histograms of every parameter tensor of ``layers``; one host copy per device.
+
+    Args:
+        layers: layers that all have parameters.
+        bins: bins per histogram.
+        call: the call number recorded in the result.
+        chunk: elements per block (see :func:`tensor_histogram`).
+
+    Returns:
+        One :class:`LayerHistograms` per layer, parameters in ``named_parameters`` order.
+    """
+    vectors: dict[torch.device, list[torch.Tensor]] = {}
+    places: list[tuple[LayerHistograms, str, tuple[int, ...], torch.device, int]] = []
+    results = []
+    for layer in layers:
+        entry = LayerHistograms(layer.id, layer.name, layer.type, call)
+        results.append(entry)
+        for name, param in layer_parameters(layer.module):
+            queue = vectors.setdefault(param.device, [])
+            places.append((entry, name, tuple(param.shape), param.device, len(queue)))
+            queue.append(tensor_histogram(param, bins, chunk=chunk))
+    host = {device: torch.stack(queue).cpu().double().numpy() for device, queue in vectors.items()}
+    for entry, name, shape, device, row in places:
+        entry.params.append(_unpack(name, shape, host[device][row], bins))
+    return results
+
+
+# ------------------------------------------------------------------ saved data
+def histogram_arrays(layer: LayerHistograms) -> dict[str, np.ndarray]:
+    """The arrays saved in a call's ``.npz`` (loadable with ``allow_pickle=False``)."""
+    params = layer.params
+    return {
+        "call": np.asarray(layer.call),
+        "layer_id": np.asarray(layer.layer_id),
+        "layer_name": np.asarray(layer.layer_name),
+        "layer_type": np.asarray(layer.layer_type),
+        "param_names": np.asarray([p.name for p in params], dtype=str),
+        "shapes": np.asarray(["x".join(map(str, p.shape)) for p in params], dtype=str),
+        "edges": np.stack([p.edges for p in params]),
+        "counts": np.stack([p.counts for p in params]),
+        **{
+            key: np.asarray([getattr(p, key) for p in params])
+            for key in (
+                "numel",
+                "finite",
+                "mean",
+                "std",
+                "min",
+                "max",
+                "sum",
+                "sum_squares",
+                "zeros_fraction",
+                "saturation_fraction",
+            )
+        },
+    }
+
+
+def load_histograms(path: str | os.PathLike[str]) -> LayerHistograms:
+    """Read back a ``.npz`` written by :meth:`WeightMixin.visualize_weight_hist`."""
+    with np.load(path, allow_pickle=False) as data:
+        layer = LayerHistograms(
+            int(data["layer_id"]), str(data["layer_name"]), str(data["layer_type"]), int(data["call"])
+        )
+        for i, name in enumerate(data["param_names"].tolist()):
+            shape = tuple(int(d) for d in str(data["shapes"][i]).split("x") if d)
+            layer.params.append(
+                ParamHistogram(
+                    name=name,
+                    shape=shape,
+                    edges=data["edges"][i],
+                    counts=data["counts"][i],
+                    numel=int(data["numel"][i]),
+                    finite=int(data["finite"][i]),
+                    mean=float(data["mean"][i]),
+                    std=float(data["std"][i]),
+                    min=float(data["min"][i]),
+                    max=float(data["max"][i]),
+                    sum=float(data["sum"][i]),
+                    sum_squares=float(data["sum_squares"][i]),
+                    zeros_fraction=float(data["zeros_fraction"][i]),
+                    saturation_fraction=float(data["saturation_fraction"][i]),
+                )
+            )
+    return layer
+
+
+# ------------------------------------------------------------------------ mixin
 class WeightMixin(AnalyzerBase):
-    """Not built yet."""
+    """``visualize_weight_hist``: weight distributions per layer, call after call.
+
+    Per selected layer, in ``<save_folder>/<ID>_<name>/`` (default ``save_path/weights/``):
+
+    - ``hist_call{k:03d}.png``: one panel per parameter tensor, with statistics;
+    - ``hist_call{k:03d}.npz``: that call's edges, counts and statistics
+      (:func:`histogram_arrays`, read back with :func:`load_histograms`);
+    - ``evolution.png``: a ridge plot of every call so far, per tensor. It is redrawn in
+      place each call (every number in it is in the ``.npz`` files) and continues the
+      history found in the manifest when a new analyzer opens the same ``save_path``.
+
+    Manifest section ``"weights"``, meta ``{"layer_id", "layer_name", "call",
+    "kind": "histogram" | "evolution" | "data"}``; ``evolution.png`` gets one entry, when
+    first written.
+    """
+
+    _weight_calls: int | None
+    _weight_history: dict[str, list[LayerHistograms]]
+
+    def _init_weights(self) -> None:
+        self._weight_calls = None  # continued from the manifest on first use
+        self._weight_history = {}
+
+    def visualize_weight_hist(
+        self,
+        layer_inds: Selector,
+        save_folder: str | os.PathLike[str] | None = None,
+        *,
+        bins: int = 100,
+    ) -> list[Path]:
+        """Save weight histograms of the selected layers, and their evolution over calls.
+
+        Histograms are computed on the model's device; only edges, counts and statistics
+        reach the host. Call it once per epoch to watch drift, saturation and collapse.
+        After each call the ``weights_histogram`` event carries the histograms (TensorBoard).
+
+        Args:
+            layer_inds: layer IDs or names (one or a list); a container layer (a
+                Sequential block, a ResNet stage) shows all its parameters.
+            save_folder: folder inside ``save_path`` (relative to it, or absolute);
+                default ``save_path/weights``.
+            bins: equal-width bins per histogram.
+
+        Returns:
+            The paths written, per layer: histogram figure, data, evolution figure
+            (empty off rank 0, where nothing is written).
+
+        Raises:
+            BBDecoderTypeError: ``bins`` is not an int, or ``save_folder`` not a path.
+            BBDecoderValueError: ``bins < 1``, or no selected layer has parameters.
+            LayerSelectionError: ``layer_inds`` selects no layer.
+            SavePathError: ``save_folder`` lies outside ``save_path``.
+        """
+        if isinstance(bins, bool) or not isinstance(bins, int):
+            raise BBDecoderTypeError(f"bins must be a positive int, got {bins!r}")
+        if bins < 1:
+            raise BBDecoderValueError(f"bins must be at least 1, got bins={bins}")
+        folder = self._weights_folder(save_folder)
+        chosen = self._select(layer_inds, "layer_inds")
+        layers = [layer for layer in chosen if layer_parameters(layer.module)]
+        empty = [layer for layer in chosen if layer not in layers]
+        if not layers:
+            listed = ", ".join(f"{layer.id} {layer.name!r}" for layer in empty)
+            raise BBDecoderValueError(f"visualize_weight_hist: none of the selected layers has parameters ({listed})")
+        if empty:
+            listed = ", ".join(f"{layer.id} {layer.name!r} ({layer.type})" for layer in empty)
+            warnings.warn(
+                f"visualize_weight_hist: skipping layers without parameters: {listed}",
+                WeightHistogramWarning,
+                stacklevel=2,
+            )
+        if not self.is_main_process:
+            return []
+        call = self._next_weight_call()
+        results = collect_histograms(layers, bins, call)
+        written: list[Path] = []
+        for result in results:
+            written += self._write_layer_histograms(result, folder)
+        self._notify("weights_histogram", call=call, layers=_event_payload(results))
+        self._say(
+            f"visualize_weight_hist call {call}: {sum(len(r.params) for r in results)} tensors of "
+            f"{len(results)} layer(s) → {self.store.root / folder}"
+        )
+        return written
+
+    # ------------------------------------------------------------- helpers
+    def _weights_folder(self, save_folder: str | os.PathLike[str] | None) -> str:
+        if save_folder is None:
+            return "weights"
+        if not isinstance(save_folder, (str, os.PathLike)):
+            raise BBDecoderTypeError(f"save_folder must be a str or os.PathLike, got {type(save_folder).__name__}")
+        target = Path(save_folder).expanduser()
+        resolved = (target if target.is_absolute() else self.store.root / target).resolve()
+        if resolved != self.store.root and self.store.root not in resolved.parents:
+            raise SavePathError(
+                f"save_folder={str(save_folder)!r} lies outside save_path {str(self.store.root)!r}; "
+                "give a folder inside it (relative paths are taken relative to save_path)"
+            )
+        return resolved.relative_to(self.store.root).as_posix()
+
+    def _next_weight_call(self) -> int:
+        if self._weight_calls is None:
+            calls = [e.get("call") for e in self.store.outputs("weights")]
+            self._weight_calls = max((c for c in calls if isinstance(c, int)), default=0)
+        self._weight_calls += 1
+        return self._weight_calls
+
+    def _weight_history_of(self, name: str) -> list[LayerHistograms]:
+        """Earlier calls of the layer named ``name``: from memory, else from the manifest."""
+        if name not in self._weight_history:
+            earlier: list[LayerHistograms] = []
+            for entry in self.store.outputs("weights"):
+                if entry.get("kind") != "data" or entry.get("layer_name") != name:
+                    continue
+                try:
+                    earlier.append(load_histograms(self.store.root / entry["path"]))
+                except (OSError, ValueError, KeyError) as error:
+                    warnings.warn(
+                        f"weight history: cannot read {entry['path']!r} ({error}); left out of the evolution figure",
+                        WeightHistogramWarning,
+                        stacklevel=4,
+                    )
+            self._weight_history[name] = sorted(earlier, key=lambda h: h.call)
+        return self._weight_history[name]
+
+    def _write_layer_histograms(self, result: LayerHistograms, folder: str) -> list[Path]:
+        from ..plots.weights import weight_evolution_figure, weight_histogram_figure
+
+        history = self._weight_history_of(result.layer_name)
+        history.append(result)
+        base = f"{folder}/{result.layer_id:03d}_{safe_name(result.layer_name)}"
+        meta = {"layer_id": result.layer_id, "layer_name": result.layer_name, "call": result.call}
+        paths = [
+            self.store.save_figure(
+                weight_histogram_figure(result),
+                f"{base}/hist_call{result.call:03d}.png",
+                section="weights",
+                meta={**meta, "kind": "histogram"},
+            ),
+            self.store.write_npz(
+                f"{base}/hist_call{result.call:03d}.npz",
+                histogram_arrays(result),
+                section="weights",
+                meta={**meta, "kind": "data"},
+            ),
+        ]
+        evolution = f"{base}/evolution.png"
+        listed = any(e["path"] == evolution for e in self.store.outputs("weights"))
+        extra: dict[str, Any] = {} if listed else {"section": "weights", "meta": {**meta, "kind": "evolution"}}
+        paths.append(self.store.save_figure(weight_evolution_figure(history), evolution, overwrite=True, **extra))
+        return [p for p in paths if p is not None]
+
+
+def _event_payload(results: list[LayerHistograms]) -> list[dict[str, Any]]:
+    """One dict per tensor with what ``SummaryWriter.add_histogram_raw`` needs."""
+    payload = []
+    for layer in results:
+        for p in layer.params:
+            payload.append(
+                {
+                    "layer_id": layer.layer_id,
+                    "layer_name": layer.layer_name,
+                    "param": p.name,
+                    "shape": p.shape,
+                    "edges": p.edges,
+                    "counts": p.counts,
+                    "min": p.min,
+                    "max": p.max,
+                    "num": p.finite,
+                    "sum": p.sum,
+                    "sum_squares": p.sum_squares,
+                    "bucket_limits": p.edges[1:],
+                    "bucket_counts": p.counts,
+                    "mean": p.mean,
+                    "std": p.std,
+                    "zeros_fraction": p.zeros_fraction,
+                    "saturation_fraction": p.saturation_fraction,
+                    "nonfinite": p.nonfinite,
+                }
+            )
+    return payload
