@@ -1,0 +1,63 @@
+"""Long runs: repeated analysis calls leave no hook and no memory growth."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from models import SmallCNN
+
+from BBDecoder import Master_analyzer
+from BBDecoder.hooks import count_module_hooks
+
+
+def rss_mb() -> float:
+    """Resident memory of this process, in MB."""
+    with open(f"/proc/{os.getpid()}/statm") as stream:
+        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def tensor_hooks(model: torch.nn.Module) -> int:
+    return sum(len(p._backward_hooks or {}) for p in model.parameters())
+
+
+def repeat_without_growth(call: Callable[[], object], model: torch.nn.Module, calls: int, budget_mb: float) -> float:
+    for _ in range(10):  # warm-up: allocator pools, lazy imports, matplotlib font and glyph caches
+        call()
+    gc.collect()
+    before = rss_mb()
+    for _ in range(calls):
+        call()
+        assert count_module_hooks(model) == 0 and tensor_hooks(model) == 0
+    gc.collect()
+    growth = rss_mb() - before
+    assert growth < budget_mb, f"resident memory grew by {growth:.1f} MB over {calls} calls"
+    return growth
+
+
+def _analyses(tmp_path: Path) -> tuple[Master_analyzer, dict[str, Callable[[], object]]]:
+    model = SmallCNN()
+    wm = Master_analyzer(model, tmp_path, verbose=False)
+    x = torch.randn(2, 3, 8, 8)
+    return wm, {
+        "get_sim": lambda: wm.get_sim(x, [0, 3], dim=1),
+        "grad_cam": lambda: wm.grad_cam("conv2", x),
+        "get_inter_features": lambda: wm.get_inter_features(x, "conv2"),
+    }
+
+
+@pytest.mark.parametrize(("name", "calls"), [("get_sim", 60), ("grad_cam", 40), ("get_inter_features", 20)])
+def test_repeated_calls_leave_no_hooks_and_no_growth(tmp_path: Path, name: str, calls: int) -> None:
+    wm, analyses = _analyses(tmp_path)
+    repeat_without_growth(analyses[name], wm.model, calls, budget_mb=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["get_sim", "grad_cam", "get_inter_features"])
+def test_thousand_calls(tmp_path: Path, name: str) -> None:
+    wm, analyses = _analyses(tmp_path)
+    repeat_without_growth(analyses[name], wm.model, 1000, budget_mb=50)
