@@ -245,6 +245,7 @@ class Master_analyzer(
             "depth": self.layers.depth,
             "input_size": self.input_size,
             "world_size": distributed.world_size(),
+            "totals": self._totals(),
             "layers": [
                 {
                     "id": layer.id,
