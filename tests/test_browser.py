@@ -133,7 +133,9 @@ def test_epoch_slider_changes_the_figure(browser: Any) -> None:
     assert after.get_attribute("src").endswith(frames[0]["images"][0]["src"])
     wait_for(lambda: browser.execute_script("return arguments[0].complete", after), what="the new image")
     assert browser.execute_script("return arguments[0].naturalWidth", after) > 0
-    slider.find_element(By.CSS_SELECTOR, "button.step[data-step='1']").click()
+    step = slider.find_element(By.CSS_SELECTOR, "button.step[data-step='1']")
+    # a DOM click: images still loading above can move the button under a real mouse click
+    browser.execute_script("arguments[0].click()", step)
     wait_for(lambda: browser.execute_script(first_image, slider).get_attribute("src") == before, what="the next button")
 
 

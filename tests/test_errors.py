@@ -12,6 +12,7 @@ from BBDecoder import (
     BBDecoderError,
     BBDecoderTypeError,
     BBDecoderValueError,
+    BBDecoderWarning,
     LayerSelectionError,
     Master_analyzer,
     ModelForwardError,
@@ -104,3 +105,62 @@ def test_input_size_the_model_rejects_warns_but_wraps(tmp_path: Path) -> None:
         assert wm.summary()[1]["output_shape"] is None
     messages = [str(w.message) for w in record]
     assert any("output shapes unknown: Master_analyzer: the model's forward pass raised" in m for m in messages)
+
+
+# ------------------------------------------------------------ the analyses' own arguments
+
+
+@pytest.mark.parametrize(
+    ("dim", "error", "message"),
+    [(4, BBDecoderValueError, r"dim=4"), (-5, BBDecoderValueError, r"dim=-5"), (1.0, BBDecoderTypeError, r"dim")],
+)
+def test_get_sim_bad_dim(wm: Master_analyzer, dim: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        wm.get_sim(torch.randn(1, 3, 8, 8), ["conv1"], dim=dim)  # type: ignore[arg-type]
+
+
+def test_get_sim_unknown_method(wm: Master_analyzer) -> None:
+    with pytest.raises(ValueError, match=r"sim_method.*'euclid'"):
+        wm.get_sim(torch.randn(1, 3, 8, 8), ["conv1"], dim=1, sim_method="euclid")
+
+
+@pytest.mark.parametrize("fps", [0, -2, float("nan")])
+def test_bad_fps(wm: Master_analyzer, fps: float) -> None:
+    with pytest.raises(ValueError, match="fps"):
+        wm.compile_feature_evolution("conv1", fps=fps)
+
+
+def test_video_of_a_layer_without_frames(wm: Master_analyzer, tmp_path: Path) -> None:
+    with pytest.raises(BBDecoderError, match="conv1"):
+        wm.compile_feature_evolution("conv1", fps=5)
+    assert not list(tmp_path.rglob("*.mp4")) and not list(tmp_path.rglob("*.webm"))
+
+
+def test_weight_histograms_of_layers_without_parameters(wm: Master_analyzer) -> None:
+    with pytest.raises(ValueError, match="relu"):
+        wm.visualize_weight_hist(["relu", "avgpool"])
+
+
+def test_grad_cam_bad_target(wm: Master_analyzer) -> None:
+    with pytest.raises(ValueError, match="target_class"):
+        wm.grad_cam("layer1", torch.randn(2, 3, 8, 8), target_class=99)
+
+
+def test_public_call_on_rejected_input_names_call_and_layer(wm: Master_analyzer) -> None:
+    with pytest.raises(ModelForwardError, match=r"get_inter_features: .* inside layer \d+ '\w+'") as info:
+        wm.get_inter_features(torch.randn(1, 5, 8, 8), "fc")
+    assert info.value.__cause__ is not None
+
+
+def test_nan_loss_is_recorded_and_warned_and_training_goes_on(wm: Master_analyzer, tmp_path: Path) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    loss = wm.forward_propagation(x).sum() * float("nan")
+    wm.backward_propagation(loss, collect_grads=True)
+    wm.model.zero_grad()
+    wm.backward_propagation(wm.forward_propagation(x).sum(), collect_grads=True)
+    with pytest.warns(BBDecoderWarning, match="NaN"):
+        paths = wm.save_collected_grads(0)
+    csv_path = next(p for p in paths if p.suffix == ".csv")
+    rows = csv_path.read_text().splitlines()[1:]
+    assert any(int(r.split(",")[-1]) > 0 for r in rows)  # nonfinite counted on the NaN step
+    assert any(r.split(",")[1] == "1" and r.split(",")[-1] == "0" for r in rows)  # the next step is clean
