@@ -45,7 +45,7 @@ def safe_name(name: str) -> str:
     dropped (no hidden files, no ``..``); long names are cut and tagged with a short hash
     so two long names stay distinct.
     """
-    cleaned = re.sub(r"^[._]+", "", _UNSAFE.sub("_", str(name))).rstrip("_") or "unnamed"
+    cleaned = re.sub(r"^[._]+", "", _UNSAFE.sub("_", str(name))).rstrip("._") or "unnamed"
     if len(cleaned) > _MAX_NAME:
         digest = hashlib.sha1(str(name).encode()).hexdigest()[:8]
         cleaned = f"{cleaned[: _MAX_NAME - 9]}-{digest}"
