@@ -61,3 +61,33 @@ def test_repeated_calls_leave_no_hooks_and_no_growth(tmp_path: Path, name: str, 
 def test_thousand_calls(tmp_path: Path, name: str) -> None:
     wm, analyses = _analyses(tmp_path)
     repeat_without_growth(analyses[name], wm.model, 1000, budget_mb=50)
+
+
+def test_twenty_thousand_collected_iterations_keep_only_statistics(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    wm = Master_analyzer(model, tmp_path, verbose=False, include_bias=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(4, 8), torch.randn(4, 4)
+
+    def step() -> None:
+        loss = torch.nn.functional.mse_loss(wm.forward_propagation(x), y)
+        optimizer.zero_grad()
+        wm.backward_propagation(loss, collect_grads=True)
+        optimizer.step()
+
+    for _ in range(200):
+        step()
+    gc.collect()
+    before = rss_mb()
+    iterations = 20_000
+    for _ in range(iterations):
+        step()
+    gc.collect()
+    statistics_mb = 2 * (iterations + 200) * 4 * 5 * 4 / 2**20  # buffer doubling: at most 2x rows × tensors × 5 × f32
+    growth = rss_mb() - before
+    assert growth < 50 + statistics_mb, f"resident memory grew by {growth:.1f} MB (statistics: {statistics_mb:.1f} MB)"
+    assert count_module_hooks(model) == 0
+    paths = wm.save_collected_grads(0)
+    csv_rows = next(p for p in paths if p.suffix == ".csv").read_text().count("\n") - 1
+    assert csv_rows == (iterations + 200) * 4  # every iteration of every tensor (2 weights + 2 biases)
