@@ -14,6 +14,7 @@ from .errors import (
     ModelForwardError,
     SavePathError,
     VideoWriteError,
+    WeightHistogramWarning,
 )
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "ModelForwardError",
     "SavePathError",
     "VideoWriteError",
+    "WeightHistogramWarning",
     "__version__",
 ]

@@ -153,9 +153,12 @@ def _eager(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     rows = []
     for g in grads:
         x = g.float() if g.dtype in _HALF else g
+        if not x.numel():  # an empty shard: adds nothing to the sums and maxima
+            rows.append(x.new_zeros(4))
+            continue
         a = x.abs()
         l1, top = a.sum(), a.amax()
-        l2 = torch.dot(x, x).sqrt() if x.numel() else x.new_zeros(())
+        l2 = torch.dot(x, x).sqrt()
         # finite - finite = 0, anything non-finite gives NaN, which counts as non-zero
         nonfinite = torch.count_nonzero(a.sub_(a)).to(a.dtype)
         rows.append(torch.stack([l1, l2, top, nonfinite]))
@@ -228,8 +231,13 @@ def _compiled_group(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], 
     return blocks, order
 
 
-def grad_stats(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+def grad_stats(grads: Sequence[torch.Tensor], *, allow_empty: bool = False) -> tuple[torch.Tensor, list[int]]:
     """Statistics of 1-D tensors (see :func:`flat`) that share one device and dtype.
+
+    Args:
+        grads: the flat tensors.
+        allow_empty: some tensors may hold no element (a rank's empty FSDP2 shard); their
+            rows are zeros, the neutral value of every statistic's reduction.
 
     Returns:
         ``(stats, order)``: a float32 ``(m, 4)`` tensor with columns :data:`STATS`, and for
@@ -241,6 +249,15 @@ def grad_stats(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     global _compile_failed
     if not grads:
         raise ValueError("grad_stats needs at least one tensor")
+    if allow_empty:
+        empty = [i for i, g in enumerate(grads) if not g.numel()]
+        if empty:
+            zeros = torch.zeros(len(empty), 4, dtype=torch.float32, device=grads[0].device)
+            full = [i for i, g in enumerate(grads) if g.numel()]
+            if not full:
+                return zeros, empty
+            stats, order = grad_stats([grads[i] for i in full])
+            return torch.cat([zeros, stats]), empty + [full[o] if o >= 0 else -1 for o in order]
     with torch.no_grad():
         backend = backend_for(grads[0].device, sum(g.numel() for g in grads))
         if backend == "compiled":

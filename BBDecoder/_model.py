@@ -9,12 +9,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import reshard_fsdp
 from .errors import BBDecoderTypeError, BBDecoderValueError
 
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards."""
+    """Put every submodule in eval mode; restore each one's own flag afterwards.
+
+    An FSDP2 model is also resharded on exit: a forward pass can leave unsharded
+    parameters registered in its modules (the root's are kept until a backward pass),
+    which would change what ``model.parameters()`` returns to the user.
+    """
     saved = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -22,6 +28,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in saved:
             module.training = training
+        reshard_fsdp(model)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -31,6 +38,11 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for exact sums on ``device``: float64, or float32 on MPS (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def to_device(data: Any, device: torch.device) -> Any:
@@ -104,8 +116,3 @@ def shape_of(output: Any) -> list[Any]:
     if isinstance(output, (list, tuple)):
         return [shape_of(v) for v in output]
     return []
-
-
-def call_model(model: nn.Module, x: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
-    """``model(x, *args, **kwargs)``."""
-    return model(x, *args, **(kwargs or {}))

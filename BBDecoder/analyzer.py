@@ -207,7 +207,8 @@ class Master_analyzer(
         """Draw the torchview graph with layer IDs into ``save_path/architecture/``.
 
         Returns the files written: PNG and SVG with Graphviz's ``dot``, the ``.gv`` source
-        always. A failure warns and returns ``[]``; only rank 0 draws.
+        always. A failure warns and returns ``[]``. Only rank 0 draws and writes; with a sharded
+        (FSDP2) model every rank traces the graph, since its forward pass gathers parameters.
         """
         example = self._example()
         if example is None:
@@ -217,8 +218,10 @@ class Master_analyzer(
                 stacklevel=2,
             )
             return []
-        if not distributed.is_main_process():
+        if not distributed.is_main_process() and not distributed.is_sharded(self.inner):
             return []
+        # A sharded (FSDP2) model gathers its parameters in the forward pass, a collective:
+        # every rank traces the graph and only rank 0's store writes it.
         return draw_architecture(self.inner, example, self.layers, self.store)
 
     # ------------------------------------------------------------- run.json

@@ -247,8 +247,9 @@ def _run(
                 wm.backward_propagation(loss, collect_grads=True, layer_inds=PARAMETRIC)
                 optimizer.step()
                 schedule.step()
-                total += loss.item() * len(index)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                value = loss.item()  # the one host sync of the step, for the progress bar and the mean
+                total += value * len(index)
+                bar.set_postfix(loss=f"{value:.3f}")
             bar.close()
             accuracy = _accuracy(model, test_x, test_y)
             result.accuracies.append(accuracy)

@@ -51,6 +51,10 @@ class GraphvizMissingWarning(BBDecoderWarning):
     """Graphviz's ``dot`` program is missing, so only the graph's source was written."""
 
 
+class WeightHistogramWarning(BBDecoderWarning):
+    """A selected layer has no parameters (it gets no weight histogram), or a saved one cannot be read."""
+
+
 def require(module: str, feature: str, extra: str | None = None) -> object:
     """Import an optional dependency, or raise with the install hint."""
     import importlib

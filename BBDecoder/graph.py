@@ -76,7 +76,7 @@ def draw_architecture(model: nn.Module, example: Any, layers: LayerTable, store:
             )
         visual = graph.visual_graph
         written = [store.write_text("architecture/architecture.gv", visual.source, section="architecture")]
-        if dot_available():
+        if dot_available() and store.enabled:
             for fmt in ("png", "svg"):
                 data = visual.pipe(format=fmt)
                 written.append(store.write_bytes(f"architecture/architecture.{fmt}", data, section="architecture"))

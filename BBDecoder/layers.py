@@ -9,6 +9,7 @@ from typing import Any, Union
 
 from torch import nn
 
+from .distributed import user_class
 from .errors import BBDecoderTypeError, LayerSelectionError
 
 Selector = Union[int, str, Sequence[int | str], None]
@@ -26,7 +27,8 @@ class Layer:
 
     @property
     def type(self) -> str:
-        return type(self.module).__name__
+        """The module's class name (the user's class, not FSDP2's ``FSDP<Name>`` subclass)."""
+        return user_class(self.module).__name__
 
     @property
     def label(self) -> str:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import distributed
-from .errors import SavePathError
+from .errors import BBDecoderTypeError, SavePathError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -84,7 +84,7 @@ class Store:
     def resolve(self, relative: str | os.PathLike[str]) -> Path:
         """Absolute path of ``relative`` under the root; raises if it would escape."""
         candidate = (self.root / relative).resolve()
-        if candidate != self.root and self.root not in candidate.parents:
+        if not self._inside(candidate):
             raise SavePathError(f"refusing to write outside save_path: {str(relative)!r}")
         return candidate
 
@@ -99,6 +99,53 @@ class Store:
         """``path`` relative to the root, with forward slashes."""
         return Path(path).resolve().relative_to(self.root).as_posix()
 
+    def subfolder(
+        self,
+        user_path: object,
+        argument: str,
+        *,
+        default: str,
+    ) -> Path:
+        """A folder the user named for an analysis's outputs, as a path relative to the root.
+
+        Nothing is created. A relative ``user_path`` is read relative to the root, unless,
+        read from the working directory, it already lies inside the root
+        (``"runs/a/grads"`` with ``save_path="runs/a"``); an absolute one must lie inside
+        the root (the root itself is allowed).
+
+        Args:
+            user_path: what the user passed (``None``: ``default``).
+            argument: the argument's name, for error messages (``"save_folder"``).
+            default: the folder used when ``user_path`` is ``None``.
+
+        Returns:
+            The folder relative to the root.
+
+        Raises:
+            BBDecoderTypeError: ``user_path`` is not a str or ``os.PathLike``.
+            SavePathError: ``user_path`` lies outside the root.
+        """
+        if user_path is None:
+            return Path(default)
+        if not isinstance(user_path, (str, os.PathLike)):
+            raise BBDecoderTypeError(
+                f"{argument} must be a str or os.PathLike folder inside save_path, got "
+                f"{type(user_path).__name__} {user_path!r:.80}"
+            )
+        given = Path(user_path).expanduser()
+        candidate = given.resolve()  # absolute, or relative to the working directory
+        if not given.is_absolute() and not self._inside(candidate):
+            candidate = (self.root / given).resolve()
+        if not self._inside(candidate):
+            raise SavePathError(
+                f"{argument}={str(user_path)!r} lies outside save_path {str(self.root)!r}; BBDecoder writes only "
+                f"under save_path: give a folder name relative to it (e.g. {default + '_run2'!r}) or a path inside it"
+            )
+        return candidate.relative_to(self.root)
+
+    def _inside(self, path: Path) -> bool:
+        return path == self.root or self.root in path.parents
+
     # ---------------------------------------------------------------- writing
     def write_bytes(
         self,
@@ -111,7 +158,9 @@ class Store:
     ) -> Path | None:
         """Write ``data`` atomically; returns the final path (``None`` off rank 0).
 
-        A taken name gets a numeric suffix unless ``overwrite`` (metadata files only).
+        A taken name gets a numeric suffix unless ``overwrite``: for metadata files and
+        cumulative outputs redrawn in place (a trend figure), which keep the manifest entry
+        of their first write.
         """
         if not self.enabled:
             return None
@@ -120,7 +169,7 @@ class Store:
         with self._lock:
             final = self._commit(target, data, overwrite=overwrite)
             if section is not None:
-                self._record(final, section, meta or {})
+                self._record(final, section, meta or {}, once=overwrite)
         return final
 
     def write_text(self, relative: str | os.PathLike[str], text: str, **kwargs: Any) -> Path | None:
@@ -209,9 +258,30 @@ class Store:
         """Manifest entries (all, or of one section), oldest first."""
         return [dict(e) for e in self._manifest if section is None or e["section"] == section]
 
-    def _record(self, path: Path, section: str, meta: dict[str, Any]) -> None:
+    def next_number(self, section: str, key: str = "call", **where: Any) -> int:
+        """The number of the next call of an analysis, continuing earlier processes' numbering.
+
+        Args:
+            section: the manifest section.
+            key: the meta key holding the number (``"call"``, ``"frame"``).
+            **where: only entries whose meta has these values (``layer_name="fc"``).
+
+        Returns:
+            One more than the largest integer ``key`` among those entries; 1 when there is none.
+        """
+        numbers = [
+            e.get(key)
+            for e in self._manifest
+            if e["section"] == section and all(e.get(k) == v for k, v in where.items())
+        ]
+        return 1 + max((n for n in numbers if isinstance(n, int) and not isinstance(n, bool)), default=0)
+
+    def _record(self, path: Path, section: str, meta: dict[str, Any], *, once: bool = False) -> None:
+        """Append a manifest entry for ``path`` (with ``once``: unless it already has one)."""
         entry = {"section": section, "path": self.relative(path), "time": now_iso(), **meta}
         self._manifest = self._load_manifest()  # another analyzer on this folder may have added entries
+        if once and any(e["path"] == entry["path"] for e in self._manifest):
+            return
         self._manifest.append(entry)
         text = json.dumps(self._manifest, indent=1, default=_json_default) + "\n"
         self._commit(self.root / MANIFEST_NAME, text.encode(), overwrite=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BBDecoderTypeError, BBDecoderValueError, VideoWriteError
+from .plots import spread
 
 # format name → (file suffix, OpenCV fourcc)
 CODECS: dict[str, tuple[str, str]] = {"mp4": (".mp4", "mp4v"), "webm": (".webm", "VP80")}
@@ -227,15 +228,6 @@ def contact_sheet(
         top, left = gap + row * (tile_h + gap), gap + col * (tile_w + gap)
         sheet[top : top + tile_h, left : left + tile_w] = tile
     return sheet
-
-
-def spread(count: int, limit: int) -> list[int]:
-    """At most ``limit`` indices out of ``range(count)``, evenly spaced, first and last included."""
-    if count <= limit:
-        return list(range(count))
-    if limit <= 1:
-        return [0][:limit]
-    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
 
 
 def png_bytes(image: np.ndarray, *, fast: bool = False) -> bytes:

@@ -113,3 +113,61 @@ def test_two_stores_on_one_folder_keep_each_others_entries(tmp_path: Path) -> No
 def test_outputs_are_readable_files(tmp_path: Path) -> None:
     path = Store(tmp_path).write_text("a.txt", "a")
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------ user folders
+def test_subfolder_reads_relative_paths_from_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "run"
+    store = Store(root)
+    monkeypatch.chdir(tmp_path)
+    assert store.subfolder(None, "save_folder", default="weights") == Path("weights")
+    assert store.subfolder("a/b", "save_folder", default="weights") == Path("a/b")
+    assert store.subfolder(root / "abs", "save_folder", default="weights") == Path("abs")
+    assert store.subfolder(root, "save_folder", default="weights") == Path(".")
+    # "run/x" read from the working directory already lies inside the root: taken as it is
+    assert store.subfolder("run/x", "path", default="features") == Path("x")
+    assert store.subfolder("y", "path", default="features") == Path("y")
+    assert not (root / "a").exists() and not (root / "run").exists()  # nothing is created
+
+
+@pytest.mark.parametrize("bad", ["../elsewhere", "a/../../b", "/tmp/elsewhere"])
+def test_subfolder_outside_the_root_names_argument_and_value(tmp_path: Path, bad: str) -> None:
+    store = Store(tmp_path / "run")
+    with pytest.raises(SavePathError, match=rf"^save_folder='{bad}' lies outside save_path"):
+        store.subfolder(bad, "save_folder", default="weights")
+    with pytest.raises(SavePathError, match=rf"^path='{bad}' lies outside save_path"):
+        store.subfolder(bad, "path", default="features")
+
+
+def test_subfolder_rejects_non_paths(tmp_path: Path) -> None:
+    from BBDecoder.errors import BBDecoderTypeError
+
+    with pytest.raises(BBDecoderTypeError, match=r"^save_folder must be a str or os.PathLike folder.*got int 3"):
+        Store(tmp_path).subfolder(3, "save_folder", default="weights")
+
+
+# ---------------------------------------------------- cumulative outputs
+def test_overwritten_output_keeps_its_first_manifest_entry(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write_text("s/trend.csv", "1", overwrite=True, section="s", meta={"call": 1})
+    store.write_text("s/trend.csv", "2", overwrite=True, section="s", meta={"call": 2})
+    store.write_text("s/bar.csv", "1", section="s", meta={"call": 2})
+    assert [(e["path"], e["call"]) for e in store.outputs("s")] == [("s/trend.csv", 1), ("s/bar.csv", 2)]
+    assert (tmp_path / "s/trend.csv").read_text() == "2"
+    again = Store(tmp_path)  # a later process continues the same manifest
+    again.write_text("s/trend.csv", "3", overwrite=True, section="s", meta={"call": 3})
+    assert len(again.outputs("s")) == 2
+
+
+def test_next_number_continues_the_manifest(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert store.next_number("w") == 1
+    store.write_text("w/a.txt", "x", section="w", meta={"call": 4, "layer_name": "fc"})
+    store.write_text("w/b.txt", "x", section="w", meta={"call": 7, "layer_name": "conv"})
+    store.write_text("w/c.txt", "x", section="w", meta={"call": "9"})  # not an int: ignored
+    store.write_text("f/d.txt", "x", section="f", meta={"frame": 2, "kind": "raw"})
+    assert store.next_number("w") == 8
+    assert store.next_number("w", layer_name="fc") == 5
+    assert store.next_number("f", "frame", kind="raw") == 3
+    assert store.next_number("f", "frame", kind="picture") == 1
+    assert Store(tmp_path).next_number("w") == 8

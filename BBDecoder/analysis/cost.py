@@ -239,7 +239,7 @@ class CostMixin(AnalyzerBase):
     ) -> None:
         from ..plots.cost import flops_figure, time_figure
 
-        call = 1 + max((int(e.get("call", 0)) for e in self.store.outputs(SECTION)), default=0)
+        call = self.store.next_number(SECTION)
         meta = {
             "call": call,
             **{f"total_{k}": v for k, v in totals.items()},

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,13 +24,15 @@ from ..errors import (
     BBDecoderValueError,
     BBDecoderWarning,
     LayerSelectionError,
-    SavePathError,
     VideoWriteError,
 )
 from ..layers import Layer
 from ..plots.features import ColorScale, color_scale, feature_figure, view_for
 from ..store import safe_name
 from ._base import AnalyzerBase
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FEATURES_SECTION = "features"
 VIDEO_SECTION = "video"
@@ -105,7 +107,7 @@ class FeatureMixin(AnalyzerBase):
             )
         indices = _check_dim(dim)
         _check_tag(tag)
-        folder = self._output_folder(path, "path") / f"{target.id}_{safe_name(target.name)}"
+        folder = self._features_folder(path) / f"{target.id}_{safe_name(target.name)}"
 
         _, outputs = self._capture(test_input, [target], "get_inter_features")
         if target.id not in outputs:
@@ -196,7 +198,7 @@ class FeatureMixin(AnalyzerBase):
         target = self._layer(layer, "layer")
         rate = video.check_fps(fps)
         chosen = video.check_formats(formats)
-        folder = self._output_folder(path, "path")
+        folder = self._features_folder(path)
         if not self.store.enabled:
             return []
         entries = self._frame_entries(target, kind="raw")
@@ -303,25 +305,9 @@ class FeatureMixin(AnalyzerBase):
         return frames
 
     # ------------------------------------------------------------- helpers
-    def _output_folder(self, path: str | os.PathLike[str] | None, argument: str) -> Path:
+    def _features_folder(self, path: str | os.PathLike[str] | None) -> Path:
         """``path`` as a folder relative to ``save_path`` (see ``get_inter_features``)."""
-        if path is None:
-            return Path(DEFAULT_FOLDER)
-        if not isinstance(path, (str, os.PathLike)):
-            raise BBDecoderTypeError(f"{argument} must be a str or os.PathLike folder, got {type(path).__name__}")
-        root = self.store.root
-        given = Path(path).expanduser()
-        if given.is_absolute():
-            candidate = given.resolve()
-        else:
-            from_cwd = given.resolve()
-            candidate = from_cwd if _inside(from_cwd, root) else (root / given).resolve()
-        if not _inside(candidate, root):
-            raise SavePathError(
-                f"{argument}={str(path)!r} lies outside save_path {str(root)!r}; BBDecoder writes only under "
-                "save_path: give a folder inside it or a path relative to it"
-            )
-        return candidate.relative_to(root)
+        return self.store.subfolder(path, "path", default=DEFAULT_FOLDER)
 
     def _free_stem(self, folder: Path, stem: str) -> str:
         """``stem``, or ``stem-1``, ``stem-2``… so that neither its ``.npy`` nor ``.png`` exists yet."""
@@ -340,8 +326,7 @@ class FeatureMixin(AnalyzerBase):
         return sorted(entries, key=lambda e: (int(e.get("frame") or 0), str(e.get("time", ""))))
 
     def _next_frame(self, target: Layer) -> int:
-        frames = [int(e.get("frame") or 0) for e in self._frame_entries(target, kind="raw")]
-        return max(frames, default=0) + 1
+        return self.store.next_number(FEATURES_SECTION, "frame", kind="raw", layer_name=target.name)
 
     def _feature_figure(
         self,
@@ -351,7 +336,7 @@ class FeatureMixin(AnalyzerBase):
         *,
         scale: ColorScale | None,
         dpi: int,
-    ) -> Any:
+    ) -> Figure:
         tag = meta.get("tag")
         title = f"layer {target.id} {target.name}  ·  frame {meta.get('frame')}"
         if tag is not None:
@@ -428,10 +413,6 @@ def _select_channels(samples: list[np.ndarray], indices: list[int], view: str) -
         )
     kept = list(dict.fromkeys(i % size for i in indices))
     return [np.take(s, kept, axis=axis) for s in samples], kept
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
 
 
 def _short_list(values: Sequence[int], limit: int = 8) -> str:

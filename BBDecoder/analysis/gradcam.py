@@ -193,7 +193,7 @@ class GradCamMixin(AnalyzerBase):
     def _save_grad_cam(self, layer: Layer, x: torch.Tensor, result: GradCamResult, *, chosen_by_user: bool) -> None:
         from ..plots.gradcam import display_image, gradcam_figure
 
-        call = 1 + max((int(e.get("call") or 0) for e in self.store.outputs(SECTION)), default=0)
+        call = self.store.next_number(SECTION)
         folder = f"{SECTION}/{layer.id}_{safe_name(layer.name)}"
         base = {"call": call, "layer_id": layer.id, "layer_name": layer.name}
         self.store.write_npy(

@@ -20,6 +20,7 @@ import math
 import numbers
 import os
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _gradstats
+from .. import _gradstats, distributed
 from ..errors import (
     BBDecoderTypeError,
     BBDecoderValueError,
     BBDecoderWarning,
     GradientAlertWarning,
     LayerSelectionError,
-    SavePathError,
 )
 from ..layers import ROOT_NAME, Layer, Selector
 from ._base import AnalyzerBase
@@ -59,6 +59,9 @@ class _Column:
     param: str
     numel: int
     parameter: nn.Parameter = field(repr=False)
+    # FSDP2: process groups across which the gradient is split; each rank records its
+    # shard's partial sums until save_collected_grads reduces them (empty: not split)
+    shard_groups: tuple[Any, ...] = field(default=(), repr=False)
 
     @property
     def label(self) -> str:
@@ -84,6 +87,8 @@ class _Plan:
     columns: list[int]
     layout: int
     elements: int
+    dtensors: bool = False  # some parameters are DTensors (FSDP2): read their local shards
+    refresh: bool = False  # made between an FSDP2 forward and backward: make again after backward
     by_presence: dict[tuple[bool, ...], list[_Group]] = field(default_factory=dict)
 
     def groups(self, grads: Sequence[torch.Tensor | None], present: tuple[bool, ...]) -> list[_Group]:
@@ -116,15 +121,24 @@ class _Recorder:
         self.iterations: list[int] = []
         self.row_layout: list[int] = []
         self.row_scaled: list[bool] = []
+        self.reduced = 0  # rows [0, reduced) hold statistics already reduced across shards
 
     # --------------------------------------------------------------- registry
     def column(self, layer: Layer, param: str, parameter: nn.Parameter) -> int:
         key = (layer.id, param)
-        if key not in self._column_of:
+        index = self._column_of.get(key)
+        if index is None:
             index = len(self.columns) + 1
-            self.columns.append(_Column(index, layer.id, layer.name, param, parameter.numel(), parameter))
+            # numel() of a DTensor is the full tensor's: mean |g| = L1 / all its elements
+            column = _Column(index, layer.id, layer.name, param, parameter.numel(), parameter)
+            column.shard_groups = distributed.shard_groups(parameter)
+            self.columns.append(column)
             self._column_of[key] = index
-        return self._column_of[key]
+        column = self.columns[index - 1]
+        if column.parameter is not parameter:  # FSDP2 swaps sharded and unsharded parameter objects
+            column.parameter = parameter
+            column.shard_groups = distributed.shard_groups(parameter)
+        return index
 
     def layout(self, columns: Sequence[int]) -> int:
         key = tuple(columns)
@@ -160,13 +174,16 @@ class _Recorder:
     def record(self, iteration: int, plan: _Plan, scale: torch.Tensor | None) -> None:
         """Read ``.grad`` of ``plan``'s parameters and append one row (no host sync)."""
         grads = [p.grad for p in plan.params]
+        if plan.dtensors:  # FSDP2: this rank's shard; its partial sums are reduced at save time
+            local = distributed.local_part
+            grads = [g if g is None else local(g, p) for g, p in zip(grads, plan.params, strict=True)]
         present = tuple(g is not None for g in grads)
         blocks: list[torch.Tensor] = []
         dests: list[torch.Tensor] = []
         device: torch.device | None = self.data.device if self.data is not None else None
         for group in plan.groups(grads, present):
             flats = [_gradstats.flat(grads[i].detach()) for i in group.positions]  # type: ignore[union-attr]
-            stats, order = _gradstats.grad_stats(flats)
+            stats, order = _gradstats.grad_stats(flats, allow_empty=plan.dtensors)
             if device is None:
                 device = stats.device
             elif stats.device != device:
@@ -192,6 +209,47 @@ class _Recorder:
         self.row_scaled.append(scale is not None)
         self.rows += 1
 
+    def reduce_shards(self) -> None:
+        """Turn the per-shard partial statistics of rows not yet reduced into whole-tensor ones.
+
+        For every column split across ranks: L1 and the non-finite count are summed, L2 is
+        the root of the summed squares, max |g| the maximum; one SUM and one MAX all-reduce
+        per set of process groups (one set under FSDP2), over all those columns at once.
+        A NaN in any shard makes L1 NaN, and then max |g| NaN too, as ``amax`` would; a
+        missing gradient (NaN cells) stays missing. Every rank must call it.
+        """
+        start, stop = self.reduced, self.rows
+        self.reduced = stop
+        if self.data is None or stop <= start:
+            return
+        data = self._ensure(self.data.device)  # room for every registered column
+        by_groups: dict[tuple[int, ...], tuple[tuple[Any, ...], list[int]]] = {}
+        for column in self.columns:  # column order is the same on every rank
+            if column.shard_groups:
+                key = tuple(id(group) for group in column.shard_groups)
+                by_groups.setdefault(key, (column.shard_groups, []))[1].append(column.index)
+        rows = data[start:stop]
+        for groups, indices in by_groups.values():
+            where = torch.tensor(indices, dtype=torch.long, device=data.device)
+            part = rows.index_select(1, where)  # (rows, columns, 4): this shard's statistics
+            sums = torch.stack([part[..., 0], part[..., 1].square(), part[..., 3]], dim=-1).contiguous()
+            top = part[..., 2].nan_to_num(nan=math.inf, posinf=math.inf)  # MAX of NaN is backend-defined: see below
+            distributed.all_reduce_sum_max(sums, top, groups)
+            l1 = sums[..., 0]
+            whole = torch.stack([l1, sums[..., 1].sqrt(), torch.where(torch.isnan(l1), l1, top), sums[..., 2]], dim=-1)
+            rows.index_copy_(1, where, whole)
+
+    def signature(self) -> list[int]:
+        """Integers that agree on every rank that recorded the same steps (checked before reducing)."""
+        sharded = ";".join(f"{c.index}:{c.layer_id}:{c.param}" for c in self.columns if c.shard_groups)
+        return [
+            self.rows,
+            self.reduced,
+            zlib.crc32(np.asarray(self.iterations, dtype=np.int64).tobytes()),
+            zlib.crc32(np.asarray(self.row_layout, dtype=np.int64).tobytes()),
+            zlib.crc32(sharded.encode("utf-8")),
+        ]
+
     def take(self) -> np.ndarray:
         """The recorded rows as a float64 host array (the one sync per save)."""
         if self.data is None or not self.rows:
@@ -206,6 +264,7 @@ class _Recorder:
         if self.data is not None and self.rows:
             self.data[: self.rows].fill_(math.nan)
         self.rows = 0
+        self.reduced = 0
         self.iterations.clear()
         self.row_layout.clear()
         self.row_scaled.clear()
@@ -328,6 +387,8 @@ class GradientMixin(AnalyzerBase):
             loss.backward(**backward_kwargs)
         iteration = state.calls
         state.calls += 1
+        if plan is not None and plan.refresh:  # FSDP2: the sharded parameters are back in place now
+            plan = self._gradient_plan(layer_inds, bias, after_backward=True)
         if plan is not None and iteration % every == 0:
             if not state.announced and _gradstats.needs_compile(plan.params[0].device, plan.elements):
                 state.announced = True
@@ -338,7 +399,14 @@ class GradientMixin(AnalyzerBase):
             with torch.no_grad():
                 state.recorder.record(iteration, plan, _scale_of(scaler))
 
-    def _gradient_plan(self, layer_inds: Selector, bias: bool) -> _Plan:
+    def _gradient_plan(self, layer_inds: Selector, bias: bool, *, after_backward: bool = False) -> _Plan:
+        """The parameters to read for ``layer_inds`` (checked, and cached per selection).
+
+        Between forward and backward FSDP2 puts unsharded parameters in the modules (for
+        the root, or any group not resharded after forward); their ``.grad`` stays
+        ``None``. A plan made then is marked ``refresh`` and made again once after the
+        backward pass, when the sharded parameters, which receive the gradients, are back.
+        """
         state = self._grads
         try:
             key: Any = (tuple(layer_inds) if isinstance(layer_inds, list) else layer_inds, bias)
@@ -346,7 +414,7 @@ class GradientMixin(AnalyzerBase):
         except TypeError:
             key = None
         plan = state.plans.get(key) if key is not None else None
-        if plan is not None:
+        if plan is not None and not (after_backward and plan.refresh):
             return plan
         layers = self._select(layer_inds, "layer_inds", default_all=True)
         entries = _owned_parameters(layers, bias)
@@ -359,7 +427,14 @@ class GradientMixin(AnalyzerBase):
         recorder = state.recorder
         columns = [recorder.column(layer, name, param) for layer, name, param in entries]
         params = [param for _, _, param in entries]
-        plan = _Plan(params, columns, recorder.layout(columns), sum(p.numel() for p in params))
+        plan = _Plan(
+            params,
+            columns,
+            recorder.layout(columns),
+            sum(p.numel() for p in params),
+            dtensors=any(distributed.is_dtensor(p) for p in params),
+            refresh=not after_backward and distributed.uses_fsdp(self.inner),
+        )
         if key is not None:
             if len(state.plans) > 64:
                 state.plans.clear()
@@ -381,43 +456,55 @@ class GradientMixin(AnalyzerBase):
         or above ``explode_threshold``) are warned once each with
         :class:`GradientAlertWarning`.
 
+        Under ``torch.distributed`` only rank 0 writes, and every rank keeps the same
+        numbers and alerts. With DDP the gradients are already whole on every rank, so
+        calling this on rank 0 alone is fine. With FSDP2 (``fully_shard``) each rank holds
+        statistics of its shards, reduced here across ranks (L1 and non-finite counts
+        summed, L2 from the summed squares, max by maximum): every rank must call it.
+
         Args:
             ep: the epoch number, used in file names (a non-negative int).
             save_folder: a folder inside ``save_path`` (relative to it, or absolute).
 
         Returns:
-            The paths written (empty when nothing was collected, with a warning).
+            The paths written (empty when nothing was collected, with a warning, and on
+            ranks other than 0).
 
         Raises:
             BBDecoderTypeError: ``ep`` is not an int or ``save_folder`` not a path.
-            BBDecoderValueError: ``ep`` is negative.
+            BBDecoderValueError: ``ep`` is negative, or (FSDP2) the ranks recorded
+                different steps.
             SavePathError: ``save_folder`` lies outside ``save_path``.
         """
         epoch = _check_epoch(ep)
-        folder = self._gradient_folder(save_folder)
+        folder = self.store.subfolder(save_folder, "save_folder", default=SECTION)
         state = self._grads
         recorder = state.recorder
+        self._reduce_gradient_shards(epoch)
         if not recorder.rows:
-            warnings.warn(
-                f"save_collected_grads(ep={epoch}): no gradient statistics were collected since the last save; "
-                "call backward_propagation(loss, collect_grads=True) during the epoch. Nothing was written.",
-                BBDecoderWarning,
-                stacklevel=2,
-            )
+            if self.is_main_process:
+                warnings.warn(
+                    f"save_collected_grads(ep={epoch}): no gradient statistics were collected since the last save; "
+                    "call backward_propagation(loss, collect_grads=True) during the epoch. Nothing was written.",
+                    BBDecoderWarning,
+                    stacklevel=2,
+                )
             return []
         data = self._gradient_epoch(epoch)
         recorder.clear()
+        # Every rank keeps the same alerts and history (its numbers are the same), so a
+        # decision taken on gradient_alerts() agrees across ranks; only rank 0 writes.
         alerts = self._gradient_alerts_for(data)
         layer_norms = _layer_norms(data)
         state.history.append(
             (epoch, data.iterations, {key: l2.astype(np.float32) for key, (_, l2) in layer_norms.items()})
         )
-        table = _csv_rows(data)
-        paths: list[Path] = []
-        if self.store.enabled:
-            paths = self._write_gradient_files(data, folder, table, alerts, layer_norms)
-            self._warn_alerts(alerts)
         state.alerts.extend(alerts)
+        if not self.store.enabled:
+            return []
+        table = _csv_rows(data)
+        paths = self._write_gradient_files(data, folder, table, alerts, layer_norms)
+        self._warn_alerts(alerts)
         self._say(
             f"gradients: epoch {epoch}, {len(data.iterations)} iterations × {len(data.columns)} tensors, "
             f"{len(alerts)} alert(s), {int(data.skipped.sum())} skipped step(s) → {self.store.root / folder}"
@@ -434,22 +521,32 @@ class GradientMixin(AnalyzerBase):
         return [dict(alert) for alert in self._grads.alerts]
 
     # ------------------------------------------------------------ internals
-    def _gradient_folder(self, save_folder: str | os.PathLike[str] | None) -> Path:
-        if save_folder is None:
-            return Path(SECTION)
-        if not isinstance(save_folder, (str, os.PathLike)):
-            raise BBDecoderTypeError(
-                f"save_folder must be a str or os.PathLike, got {type(save_folder).__name__} {save_folder!r}"
+    def _reduce_gradient_shards(self, epoch: int) -> None:
+        """FSDP2: reduce the recorded per-shard statistics across ranks (no-op otherwise).
+
+        Statistics of a gradient split across ranks are partial sums until this runs, once
+        per save on every rank: a check that the ranks recorded the same steps (one small
+        all-reduce), then one SUM and one MAX all-reduce over the epoch's buffer. DDP
+        gradients are whole on every rank after its all-reduce, so nothing is exchanged.
+
+        Raises:
+            BBDecoderValueError: the ranks recorded different steps or tensors (raised on
+                every rank, rather than a hang in the reduction).
+        """
+        if distributed.world_size() == 1 or not distributed.is_sharded(self.inner):
+            return
+        recorder = self._grads.recorder
+        mine = recorder.signature()
+        device = recorder.data.device if recorder.data is not None else self.device
+        low, high = distributed.spread(mine, device)
+        if low != high:
+            raise BBDecoderValueError(
+                f"save_collected_grads(ep={epoch}): the ranks recorded different gradient statistics "
+                f"({low[0]} to {high[0]} rows since the last save; this rank: {mine[0]}). With a sharded (FSDP) "
+                "model every rank must call backward_propagation with the same collect_grads, layer_inds and "
+                "collect_every, and every rank must call save_collected_grads"
             )
-        root = self.store.root
-        candidate = Path(save_folder).expanduser()
-        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        if resolved != root and root not in resolved.parents:
-            raise SavePathError(
-                f"save_folder={str(save_folder)!r} lies outside save_path {str(root)!r}; every output is written "
-                "under save_path, so give a folder name relative to it (e.g. 'gradients_run2') or a path inside it"
-            )
-        return resolved.relative_to(root)
+        recorder.reduce_shards()
 
     def _gradient_epoch(self, epoch: int) -> _Epoch:
         recorder = self._grads.recorder

@@ -121,7 +121,9 @@ class ReportMixin(AnalyzerBase):
             parameter = self.layers[layer_id].module.get_parameter(param)
         except AttributeError:
             return None
-        return parameter.grad.detach() if parameter.grad is not None else None
+        if parameter.grad is None or distributed.is_dtensor(parameter.grad):
+            return None  # an FSDP2 shard: histograms of one shard would mislead; rank 0 alone cannot gather
+        return parameter.grad.detach()
 
 
 def histogram_summary(tensor: torch.Tensor, bins: int = 64) -> dict[str, Any] | None:

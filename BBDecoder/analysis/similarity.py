@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .._model import first_tensor
+from .._model import accumulator_dtype, first_tensor
 from ..errors import BBDecoderTypeError, BBDecoderValueError
 from ..layers import Layer, Selector
 from ..store import now_iso
@@ -45,10 +45,6 @@ _LABELS = {"cosine": "mean cosine", "abs_cosine": "mean |cosine|", "kl_divergenc
 
 
 # ------------------------------------------------------------------ computation
-def _accumulator_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def _check_method(sim_method: Any) -> str:
     if not isinstance(sim_method, str) or sim_method not in SIM_METHODS:
         raise BBDecoderValueError(f"sim_method must be one of {', '.join(map(repr, SIM_METHODS))}; got {sim_method!r}")
@@ -153,7 +149,7 @@ def slice_similarity(
     dim = normalize_dim(dim, features.shape)
     moved = features.detach().movedim(dim, 1)  # a view: (N, S, ...)
     count, width = moved.shape[0], math.prod(moved.shape[2:])
-    dtype = _accumulator_dtype(features.device)
+    dtype = accumulator_dtype(features.device)
     out = torch.zeros(count, dtype=dtype, device=features.device)
     if count == 0:
         return out
@@ -373,24 +369,22 @@ class SimilarityMixin(AnalyzerBase):
         self.store.save_figure(
             bar, f"{SIM_FOLDER}/bar_call{call:03d}.png", section="similarity", meta={"call": call, "kind": "bar"}
         )
-        self._sim_write_fixed(
+        # the two cumulative files are rewritten in place; each keeps the manifest entry of its first write
+        self.store.write_csv(
             SIM_CSV,
-            "csv",
-            call,
-            lambda **kw: self.store.write_csv(
-                SIM_CSV, CSV_COLUMNS, [[r.get(c, "") for c in CSV_COLUMNS] for r in history], **kw
-            ),
+            CSV_COLUMNS,
+            [[r.get(c, "") for c in CSV_COLUMNS] for r in history],
+            overwrite=True,
+            section="similarity",
+            meta={"call": call, "kind": "csv"},
         )
-        trend = similarity_trend_figure(_trend_series(history))
-        self._sim_write_fixed(SIM_TREND, "trend", call, lambda **kw: self.store.save_figure(trend, SIM_TREND, **kw))
-
-    def _sim_write_fixed(self, relative: str, kind: str, call: int, write: Any) -> None:
-        """Rewrite a cumulative file in place; give it a manifest entry only the first time."""
-        listed = any(e["path"] == relative for e in self.store.outputs("similarity"))
-        if listed:
-            write(overwrite=True)
-        else:
-            write(overwrite=True, section="similarity", meta={"call": call, "kind": kind})
+        self.store.save_figure(
+            similarity_trend_figure(_trend_series(history)),
+            SIM_TREND,
+            overwrite=True,
+            section="similarity",
+            meta={"call": call, "kind": "trend"},
+        )
 
 
 def _as_int(text: Any) -> int | None:

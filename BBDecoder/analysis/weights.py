@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning, SavePathError
+from .. import distributed
+from .._model import accumulator_dtype
+from ..errors import BBDecoderTypeError, BBDecoderValueError, WeightHistogramWarning
 from ..layers import Layer, Selector
 from ..store import safe_name
 from ._base import AnalyzerBase
@@ -32,10 +34,6 @@ SATURATION = 0.99
 """An element is saturated when ``|w| >= SATURATION * max|w|`` (within 1% of the extremes)."""
 
 _STATS = ("numel", "finite", "sum", "sum_squares", "mean", "std", "min", "max", "zeros", "saturated")
-
-
-class WeightHistogramWarning(BBDecoderWarning):
-    """A selected layer has no parameters, so it gets no weight histogram."""
 
 
 @dataclass
@@ -83,10 +81,6 @@ class LayerHistograms:
 
 
 # ------------------------------------------------------------------ computation
-def _accumulator_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Statistics, bin edges and counts of ``tensor``, as one vector on its device.
 
@@ -106,7 +100,7 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
         (float32 on MPS) vector of ``len(_STATS) + 2 * bins + 1`` elements.
     """
     flat = tensor.detach().reshape(-1)
-    dtype = _accumulator_dtype(flat.device)
+    dtype = accumulator_dtype(flat.device)
 
     def zero() -> torch.Tensor:
         return torch.zeros((), dtype=dtype, device=flat.device)
@@ -209,7 +203,7 @@ def collect_histograms(
         for name, param in layer_parameters(layer.module):
             queue = vectors.setdefault(param.device, [])
             places.append((entry, name, tuple(param.shape), param.device, len(queue)))
-            queue.append(tensor_histogram(param, bins, chunk=chunk))
+            queue.append(tensor_histogram(distributed.full_tensor(param), bins, chunk=chunk))
     host = {device: torch.stack(queue).cpu().double().numpy() for device, queue in vectors.items()}
     for entry, name, shape, device, row in places:
         entry.params.append(_unpack(name, shape, host[device][row], bins))
@@ -335,7 +329,7 @@ class WeightMixin(AnalyzerBase):
             raise BBDecoderTypeError(f"bins must be a positive int, got {bins!r}")
         if bins < 1:
             raise BBDecoderValueError(f"bins must be at least 1, got bins={bins}")
-        folder = self._weights_folder(save_folder)
+        folder = self.store.subfolder(save_folder, "save_folder", default="weights")
         chosen = self._select(layer_inds, "layer_inds")
         layers = [layer for layer in chosen if layer_parameters(layer.module)]
         empty = [layer for layer in chosen if layer not in layers]
@@ -349,10 +343,13 @@ class WeightMixin(AnalyzerBase):
                 WeightHistogramWarning,
                 stacklevel=2,
             )
-        if not self.is_main_process:
+        # FSDP2 shards parameters: every rank joins the gathers of full tensors, rank 0 draws
+        if not distributed.is_sharded(self.inner) and not self.is_main_process:
             return []
         call = self._next_weight_call()
         results = collect_histograms(layers, bins, call)
+        if not self.is_main_process:
+            return []
         written: list[Path] = []
         for result in results:
             written += self._write_layer_histograms(result, folder)
@@ -364,24 +361,9 @@ class WeightMixin(AnalyzerBase):
         return written
 
     # ------------------------------------------------------------- helpers
-    def _weights_folder(self, save_folder: str | os.PathLike[str] | None) -> str:
-        if save_folder is None:
-            return "weights"
-        if not isinstance(save_folder, (str, os.PathLike)):
-            raise BBDecoderTypeError(f"save_folder must be a str or os.PathLike, got {type(save_folder).__name__}")
-        target = Path(save_folder).expanduser()
-        resolved = (target if target.is_absolute() else self.store.root / target).resolve()
-        if resolved != self.store.root and self.store.root not in resolved.parents:
-            raise SavePathError(
-                f"save_folder={str(save_folder)!r} lies outside save_path {str(self.store.root)!r}; "
-                "give a folder inside it (relative paths are taken relative to save_path)"
-            )
-        return resolved.relative_to(self.store.root).as_posix()
-
     def _next_weight_call(self) -> int:
         if self._weight_calls is None:
-            calls = [e.get("call") for e in self.store.outputs("weights")]
-            self._weight_calls = max((c for c in calls if isinstance(c, int)), default=0)
+            self._weight_calls = self.store.next_number("weights") - 1
         self._weight_calls += 1
         return self._weight_calls
 
@@ -403,12 +385,12 @@ class WeightMixin(AnalyzerBase):
             self._weight_history[name] = sorted(earlier, key=lambda h: h.call)
         return self._weight_history[name]
 
-    def _write_layer_histograms(self, result: LayerHistograms, folder: str) -> list[Path]:
+    def _write_layer_histograms(self, result: LayerHistograms, folder: Path) -> list[Path]:
         from ..plots.weights import weight_evolution_figure, weight_histogram_figure
 
         history = self._weight_history_of(result.layer_name)
         history.append(result)
-        base = f"{folder}/{result.layer_id:03d}_{safe_name(result.layer_name)}"
+        base = (folder / f"{result.layer_id:03d}_{safe_name(result.layer_name)}").as_posix()
         meta = {"layer_id": result.layer_id, "layer_name": result.layer_name, "call": result.call}
         paths = [
             self.store.save_figure(
@@ -424,10 +406,16 @@ class WeightMixin(AnalyzerBase):
                 meta={**meta, "kind": "data"},
             ),
         ]
-        evolution = f"{base}/evolution.png"
-        listed = any(e["path"] == evolution for e in self.store.outputs("weights"))
-        extra: dict[str, Any] = {} if listed else {"section": "weights", "meta": {**meta, "kind": "evolution"}}
-        paths.append(self.store.save_figure(weight_evolution_figure(history), evolution, overwrite=True, **extra))
+        # redrawn in place each call; the store keeps the manifest entry of its first write
+        paths.append(
+            self.store.save_figure(
+                weight_evolution_figure(history),
+                f"{base}/evolution.png",
+                overwrite=True,
+                section="weights",
+                meta={**meta, "kind": "evolution"},
+            )
+        )
         return [p for p in paths if p is not None]
 
 

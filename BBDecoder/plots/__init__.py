@@ -11,3 +11,12 @@ from matplotlib.figure import Figure
 def new_figure(width: float, height: float, *, dpi: int = 100) -> Figure:
     """A fresh Figure with constrained layout, independent of pyplot."""
     return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+
+
+def spread(count: int, limit: int) -> list[int]:
+    """At most ``limit`` indices out of ``range(count)``, evenly spaced, first and last included."""
+    if count <= limit:
+        return list(range(count))
+    if limit <= 1:
+        return [0][:limit]
+    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})

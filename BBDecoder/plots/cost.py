@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -28,14 +28,26 @@ def _height(count: int) -> float:
     return float(np.clip(1.2 + 0.32 * count, 2.6, 40.0))
 
 
-def _label_bars(axes: Axes, values: Sequence[float], positions: np.ndarray, total: float, unit: str) -> None:
-    for value, y in zip(values, positions, strict=True):
+def _label_bars(
+    axes: Axes,
+    values: Sequence[float],
+    positions: np.ndarray,
+    total: float,
+    text: Callable[[float], str],
+    *,
+    ends: np.ndarray | None = None,
+) -> None:
+    """Write ``text(value)`` and its share of ``total`` just right of each positive bar.
+
+    ``ends``: where each label starts (default: the bar's end; a whisker's end for times).
+    """
+    for value, y, end in zip(values, positions, values if ends is None else ends, strict=True):
         if value <= 0:
             continue
         share = f" ({100 * value / total:.0f}%)" if total > 0 else ""
         axes.annotate(
-            f"{_si(value, unit)}{share}",
-            (value, y),
+            f"{text(value)}{share}",
+            (end, y),
             xytext=(3, 0),
             textcoords="offset points",
             va="center",
@@ -74,13 +86,10 @@ def flops_figure(
     total_fwd, total_bwd = float(total_forward), float(total_backward)
     axes.barh(y - height / 2, forward, height, color=_FORWARD, label=f"forward (total {_si(total_fwd, 'FLOP')})")
     axes.barh(y + height / 2, backward, height, color=_BACKWARD, label=f"backward (total {_si(total_bwd, 'FLOP')})")
-    _label_bars(axes, [float(v) for v in forward], y - height / 2, total_fwd, "FLOP")
-    _label_bars(axes, [float(v) for v in backward], y + height / 2, total_bwd, "FLOP")
-    _finish(axes, labels, y, "FLOPs (multiply and add counted as 2)", EngFormatter(unit="", sep=""))
-    peak = max([*forward, *backward, 1])
-    axes.set_xlim(0, peak * 1.35)
-    axes.legend(loc="lower right", fontsize=8, frameon=False)
-    axes.set_title(title, fontsize=10)
+    _label_bars(axes, [float(v) for v in forward], y - height / 2, total_fwd, _flop_text)
+    _label_bars(axes, [float(v) for v in backward], y + height / 2, total_bwd, _flop_text)
+    peak = float(max([*forward, *backward, 1]))
+    _finish(axes, labels, y, "FLOPs (multiply and add counted as 2)", peak, title, EngFormatter(unit="", sep=""))
     return figure
 
 
@@ -111,7 +120,8 @@ def time_figure(
     axes = figure.add_subplot(1, 1, 1)
     y = np.arange(count, dtype=float)
     median = np.asarray(median_ms, dtype=float)
-    errors = np.vstack([median - np.asarray(low_ms, dtype=float), np.asarray(high_ms, dtype=float) - median])
+    high = np.asarray(high_ms, dtype=float)
+    errors = np.vstack([median - np.asarray(low_ms, dtype=float), high - median])
     axes.barh(y, median, 0.6, color=_FORWARD, label="median forward time")
     axes.errorbar(
         median,
@@ -123,27 +133,29 @@ def time_figure(
         lw=0.8,
         label="25th–75th percentile",
     )
-    total = float(whole_ms)
-    for value, top, position in zip(median, np.asarray(high_ms, dtype=float), y, strict=True):
-        if value > 0:
-            share = f" ({100 * value / total:.0f}%)" if total > 0 else ""
-            axes.annotate(
-                f"{value:.3g} ms{share}",
-                (top, position),
-                xytext=(4, 0),
-                textcoords="offset points",
-                va="center",
-                fontsize=7,
-            )
-    _finish(axes, labels, y, "forward time per layer (ms)", None)
-    peak = float(max(np.max(high_ms) if count else 0.0, 1e-6))
-    axes.set_xlim(0, peak * 1.35)
-    axes.legend(loc="lower right", fontsize=8, frameon=False)
-    axes.set_title(title, fontsize=10)
+    _label_bars(axes, median.tolist(), y, float(whole_ms), lambda ms: f"{ms:.3g} ms", ends=high)
+    peak = float(max(np.max(high) if count else 0.0, 1e-6))
+    _finish(axes, labels, y, "forward time per layer (ms)", peak, title)
     return figure
 
 
-def _finish(axes: Axes, labels: Sequence[str], y: np.ndarray, xlabel: str, formatter: EngFormatter | None) -> None:
+def _flop_text(value: float) -> str:
+    return _si(value, "FLOP")
+
+
+def _finish(
+    axes: Axes,
+    labels: Sequence[str],
+    y: np.ndarray,
+    xlabel: str,
+    peak: float,
+    title: str,
+    formatter: EngFormatter | None = None,
+) -> None:
+    """Layer labels top to bottom, the x axis up to ``peak`` plus room for the bar labels, legend, title."""
+    axes.set_xlim(0, peak * 1.35)
+    axes.legend(loc="lower right", fontsize=8, frameon=False)
+    axes.set_title(title, fontsize=10)
     axes.set_yticks(y)
     axes.set_yticklabels([printable(label) for label in labels], fontsize=8)
     axes.invert_yaxis()

@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 
+from ..errors import BBDecoderValueError
 from . import new_figure
 
 VIEWS = ("grid", "heatmap", "bars", "image")
@@ -148,55 +149,67 @@ def feature_figure(
         The Figure; its size depends only on ``array``'s shape and ``view``.
 
     Raises:
-        ValueError: an unknown ``view``.
+        BBDecoderValueError: an unknown ``view``.
     """
     if view not in VIEWS:
-        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        raise BBDecoderValueError(f"view must be one of {VIEWS}, got view={view!r}")
     data = as_panels(np.asarray(array, dtype=np.float64), view)
     if view == "grid" and np.ndim(array) > 4:
         extra = "×".join(map(str, np.shape(array)[2:-2]))
         plane = "×".join(map(str, np.shape(array)[-2:]))
         note = f"each channel's {extra} depth slices of {plane} stacked top to bottom"
         subtitle = ", ".join(x for x in [subtitle, note] if x)
-    scale = scale or color_scale([data])
+    style = _Style(title, subtitle, channels, scale or color_scale([data]), max_channels, dpi)
     draw = {"grid": _grid, "heatmap": _heatmap, "bars": _bars, "image": _images}[view]
-    return draw(data, title, subtitle, channels, scale, max_channels, dpi)
+    return draw(data, style)
 
 
 # ----------------------------------------------------------------- views
-def _caption(figure: Figure, title: str, subtitle: str) -> None:
-    text = title if not subtitle else f"{title}\n{subtitle}"
-    figure.suptitle(text, fontsize=11, x=0.02, ha="left")
+@dataclass(frozen=True)
+class _Style:
+    """What every view needs besides the data (the arguments of :func:`feature_figure`)."""
+
+    title: str
+    subtitle: str
+    channels: Sequence[int] | None
+    scale: ColorScale
+    max_channels: int
+    dpi: int
+
+    def labels(self, count: int) -> list[int]:
+        """The original index of each of ``count`` channels/features."""
+        channels = self.channels
+        return list(channels) if channels is not None and len(channels) == count else list(range(count))
+
+    def caption(self, figure: Figure, *notes: str) -> None:
+        """The title, then the subtitle and the view's non-empty ``notes``, at the top left."""
+        subtitle = "  ·  ".join(x for x in [self.subtitle, ", ".join(n for n in notes if n)] if x)
+        text = self.title if not subtitle else f"{self.title}\n{subtitle}"
+        figure.suptitle(text, fontsize=11, x=0.02, ha="left")
+
+    def colorbar(self, figure: Figure, image: object, axes: Axes | list[Axes], label: str) -> None:
+        """A colour bar for ``image``, marked when the scale caps values."""
+        scale = self.scale
+        bar = figure.colorbar(image, ax=axes, extend=scale.extend, shrink=0.85, pad=0.02)  # type: ignore[arg-type]
+        bar.set_label(label + (" (capped)" if scale.extend != "neither" else ""))
 
 
-def _labels(count: int, channels: Sequence[int] | None) -> list[int]:
-    return list(channels) if channels is not None and len(channels) == count else list(range(count))
+def _first_samples(shown: int, samples: int) -> str:
+    """``"first 8 of 20 samples"`` when not every sample is drawn, else ``""``."""
+    return f"first {shown} of {samples} samples" if samples > shown else ""
 
 
-def _colorbar(figure: Figure, image: object, axes: Axes | list[Axes], scale: ColorScale, label: str) -> None:
-    bar = figure.colorbar(image, ax=axes, extend=scale.extend, shrink=0.85, pad=0.02)  # type: ignore[arg-type]
-    bar.set_label(label + (" (capped)" if scale.extend != "neither" else ""))
-
-
-def _grid(
-    data: np.ndarray,
-    title: str,
-    subtitle: str,
-    channels: Sequence[int] | None,
-    scale: ColorScale,
-    max_channels: int,
-    dpi: int,
-) -> Figure:
+def _grid(data: np.ndarray, style: _Style) -> Figure:
     samples, count, height, width = data.shape
-    labels = _labels(count, channels)
+    labels = style.labels(count)
     shown_samples = min(samples, MAX_PANELS)
     if shown_samples == 1:
-        shown = min(count, max_channels)
+        shown = min(count, style.max_channels)
         cols = shown if shown <= 4 else math.ceil(math.sqrt(shown * height / max(width, 1)))
         cols = max(1, min(shown, cols))
         rows = math.ceil(shown / cols)
     else:  # one row of channels per sample
-        shown = min(count, max(4, min(16, max_channels // shown_samples)))
+        shown = min(count, max(4, min(16, style.max_channels // shown_samples)))
         cols, rows = shown, shown_samples
     gap = max(1, round(0.15 * min(height, width)))
     mosaic = np.full((rows * (height + gap) - gap, cols * (width + gap) - gap), np.nan)
@@ -211,9 +224,9 @@ def _grid(
     aspect = mosaic.shape[0] / mosaic.shape[1]
     fig_w = long_side if aspect <= 1 else max(4.5, long_side / aspect)
     fig_h = max(3.0, fig_w * aspect) + 0.9
-    figure = new_figure(fig_w + 1.2, fig_h, dpi=dpi)
+    figure = new_figure(fig_w + 1.2, fig_h, dpi=style.dpi)
     ax = figure.add_subplot()
-    image = ax.imshow(mosaic, cmap=scale.colormap(), norm=scale.norm(), interpolation="nearest")
+    image = ax.imshow(mosaic, cmap=style.scale.colormap(), norm=style.scale.norm(), interpolation="nearest")
     font = 9 if cols <= 4 else 7 if cols <= 8 else 6 if cols <= 12 else 5
     if rows * cols <= 256:
         for top, left, label in places:
@@ -237,36 +250,27 @@ def _grid(
         ax.set_yticks([])
     for side in ax.spines.values():
         side.set_visible(False)
-    notes = [f"{count} channels of {height}×{width} (index at top left)"]
-    if shown < count:
-        notes.append(f"first {shown} shown")
-    if samples > shown_samples:
-        notes.append(f"first {shown_samples} of {samples} samples")
-    _caption(figure, title, "  ·  ".join(x for x in [subtitle, ", ".join(notes)] if x))
-    _colorbar(figure, image, ax, scale, "activation")
+    style.caption(
+        figure,
+        f"{count} channels of {height}×{width} (index at top left)",
+        f"first {shown} shown" if shown < count else "",
+        _first_samples(shown_samples, samples),
+    )
+    style.colorbar(figure, image, ax, "activation")
     return figure
 
 
-def _heatmap(
-    data: np.ndarray,
-    title: str,
-    subtitle: str,
-    channels: Sequence[int] | None,
-    scale: ColorScale,
-    max_channels: int,
-    dpi: int,
-    rows: str = "token",
-) -> Figure:
+def _heatmap(data: np.ndarray, style: _Style, rows: str = "token") -> Figure:
     samples, tokens, features = data.shape
     shown = min(samples, MAX_PANELS)
     panel_h = min(4.0, max(1.6, 0.18 * tokens + 0.8))
-    figure = new_figure(min(14.0, max(7.0, 0.12 * features + 2.5)), 1.0 + shown * panel_h, dpi=dpi)
+    figure = new_figure(min(14.0, max(7.0, 0.12 * features + 2.5)), 1.0 + shown * panel_h, dpi=style.dpi)
     axes = figure.subplots(shown, 1, squeeze=False)[:, 0]
-    labels = _labels(features, channels)
+    labels = style.labels(features)
     image = None
     for sample, ax in enumerate(axes):
         image = ax.imshow(
-            data[sample], cmap=scale.colormap(), norm=scale.norm(), aspect="auto", interpolation="nearest"
+            data[sample], cmap=style.scale.colormap(), norm=style.scale.norm(), aspect="auto", interpolation="nearest"
         )
         ax.set_ylabel(f"{rows} (sample {sample})" if samples > 1 else rows)
         _index_ticks(ax, labels, "x")
@@ -274,28 +278,17 @@ def _heatmap(
             ax.set_yticks(range(tokens))
             ax.tick_params(axis="y", labelsize=7)
     axes[-1].set_xlabel("feature index")
-    note = f"{tokens} {rows}s × {features} features"
-    if samples > shown:
-        note += f", first {shown} of {samples} samples"
-    _caption(figure, title, "  ·  ".join(x for x in [subtitle, note] if x))
-    _colorbar(figure, image, list(axes), scale, "activation")
+    style.caption(figure, f"{tokens} {rows}s × {features} features", _first_samples(shown, samples))
+    style.colorbar(figure, image, list(axes), "activation")
     return figure
 
 
-def _bars(
-    data: np.ndarray,
-    title: str,
-    subtitle: str,
-    channels: Sequence[int] | None,
-    scale: ColorScale,
-    max_channels: int,
-    dpi: int,
-) -> Figure:
+def _bars(data: np.ndarray, style: _Style) -> Figure:
     samples, features = data.shape
-    labels = _labels(features, channels)
+    labels = style.labels(features)
     if samples > 1:  # several samples: samples × features heatmap
-        return _heatmap(data[None], title, subtitle, channels, scale, max_channels, dpi, rows="sample")
-    figure = new_figure(min(14.0, max(6.0, 0.1 * features + 3.0)), 4.2, dpi=dpi)
+        return _heatmap(data[None], style, rows="sample")
+    figure = new_figure(min(14.0, max(6.0, 0.1 * features + 3.0)), 4.2, dpi=style.dpi)
     ax = figure.add_subplot()
     values = data[0]
     positions = np.arange(features)
@@ -305,8 +298,8 @@ def _bars(
     else:
         ax.plot(positions, values, color="#3b6fb6", linewidth=0.8)
     ax.axhline(0.0, color="black", linewidth=0.8)
-    low = min(scale.vmin, 0.0)
-    high = max(scale.vmax, 0.0)
+    low = min(style.scale.vmin, 0.0)
+    high = max(style.scale.vmax, 0.0)
     margin = 0.05 * (high - low or 1.0)
     ax.set_ylim(low - margin, high + margin)
     ax.set_xlim(-0.6, features - 0.4)
@@ -315,45 +308,33 @@ def _bars(
     ax.grid(axis="y", alpha=0.3)
     _index_ticks(ax, labels, "x")
     clipped = int(np.sum((values > high) | (values < low)))
-    note = f"{features} features" + (f", {clipped} beyond the axis" if clipped else "")
-    _caption(figure, title, "  ·  ".join(x for x in [subtitle, note] if x))
+    style.caption(figure, f"{features} features", f"{clipped} beyond the axis" if clipped else "")
     return figure
 
 
-def _images(
-    data: np.ndarray,
-    title: str,
-    subtitle: str,
-    channels: Sequence[int] | None,
-    scale: ColorScale,
-    max_channels: int,
-    dpi: int,
-) -> Figure:
+def _images(data: np.ndarray, style: _Style) -> Figure:
     samples, height, width = data.shape
     shown = min(samples, MAX_PANELS)
     aspect = height / max(width, 1)
     panel_w = 6.0 if shown == 1 else max(2.5, 10.0 / shown)
     panel_h = min(8.0, max(2.0, panel_w * aspect))
-    figure = new_figure(panel_w * shown + 1.2, panel_h + 1.0, dpi=dpi)
+    figure = new_figure(panel_w * shown + 1.2, panel_h + 1.0, dpi=style.dpi)
     axes = figure.subplots(1, shown, squeeze=False)[0]
     image = None
-    labels = _labels(width, channels)
+    labels = style.labels(width)
     for sample, ax in enumerate(axes):
         image = ax.imshow(
             data[sample],
-            cmap=scale.colormap(),
-            norm=scale.norm(),
+            cmap=style.scale.colormap(),
+            norm=style.scale.norm(),
             interpolation="nearest",
             aspect="equal" if 0.2 <= aspect <= 5 else "auto",
         )
         if samples > 1:
             ax.set_title(f"sample {sample}", fontsize=9)
         _index_ticks(ax, labels, "x")
-    note = f"{height}×{width} from post_proc"
-    if samples > shown:
-        note += f", first {shown} of {samples} samples"
-    _caption(figure, title, "  ·  ".join(x for x in [subtitle, note] if x))
-    _colorbar(figure, image, list(axes), scale, "value")
+    style.caption(figure, f"{height}×{width} from post_proc", _first_samples(shown, samples))
+    style.colorbar(figure, image, list(axes), "value")
     return figure
 
 

@@ -11,8 +11,9 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..analysis.weights import SATURATION
 from ..summary import printable
-from . import new_figure
+from . import new_figure, spread
 
 if TYPE_CHECKING:
     from ..analysis.weights import LayerHistograms, ParamHistogram
@@ -78,7 +79,7 @@ def _draw_param(ax: Axes, p: ParamHistogram) -> None:
     ax.set_xlim(edges[0], edges[-1])
     ax.set_ylim(0, max(1.0, counts.max()) * 1.55)  # headroom for the statistics box
     if p.finite and p.abs_max > 0:
-        threshold = 0.99 * p.abs_max
+        threshold = SATURATION * p.abs_max
         for lo, hi in ((-p.abs_max, -threshold), (threshold, p.abs_max)):
             if hi >= edges[0] and lo <= edges[-1]:
                 ax.axvspan(lo, hi, color=_SATURATED, alpha=0.25, linewidth=0)
@@ -133,7 +134,7 @@ def weight_histogram_figure(layer: LayerHistograms) -> Figure:
             ax.set_ylabel("count", fontsize=8)
     figure.suptitle(
         f"Weights of layer {layer.layer_id} {printable(layer.layer_name)} ({layer.layer_type}), call {layer.call}"
-        "  —  dashed: mean, red: |w| ≥ 0.99·max|w|",
+        f"  —  dashed: mean, red: |w| ≥ {SATURATION:g}·max|w|",
         fontsize=10,
     )
     return figure
@@ -143,13 +144,6 @@ def rebin(edges: np.ndarray, counts: np.ndarray, new_edges: np.ndarray) -> np.nd
     """Counts of a histogram moved onto ``new_edges``, each bin's mass spread evenly over its width."""
     cumulative = np.concatenate([[0.0], np.cumsum(np.asarray(counts, dtype=float))])
     return np.diff(np.interp(new_edges, np.asarray(edges, dtype=float), cumulative))
-
-
-def _subsample(count: int, limit: int = MAX_RIDGES) -> list[int]:
-    """At most ``limit`` evenly spread indices of ``range(count)``, first and last kept."""
-    if count <= limit:
-        return list(range(count))
-    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
 
 
 def weight_evolution_figure(history: Sequence[LayerHistograms]) -> Figure:
@@ -168,7 +162,7 @@ def weight_evolution_figure(history: Sequence[LayerHistograms]) -> Figure:
     names = [p.name for p in latest.params]
     shapes = {p.name: p.shape for p in latest.params}
     cells, rows, columns = panel_layout(names)
-    chosen = [history[i] for i in _subsample(len(history))]
+    chosen = [history[i] for i in spread(len(history), MAX_RIDGES)]
     cmap = colormaps["viridis"]
     figure = new_figure(3.6 * columns + 0.3, (2.2 + 0.12 * len(chosen)) * rows + 0.5)
     grid = figure.add_gridspec(rows, columns)
@@ -189,7 +183,7 @@ def weight_evolution_figure(history: Sequence[LayerHistograms]) -> Figure:
             colour = cmap(level / max(1, len(ridges) - 1) * 0.9)
             ax.stairs(level + height, grid_edges, baseline=level, fill=True, color=colour, alpha=0.85, zorder=2 * level)
             ax.stairs(level + height, grid_edges, baseline=level, color="0.15", linewidth=0.5, zorder=2 * level + 1)
-        ticks = _subsample(len(ridges), 8)
+        ticks = spread(len(ridges), 8)
         ax.set_yticks(ticks, [f"call {ridges[i][0]}" for i in ticks], fontsize=7)
         ax.set_ylim(-0.2, len(ridges) + 1.0)
         ax.set_xlim(low, high)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..errors import SavePathError
+from ..errors import BBDecoderTypeError, SavePathError
 from ..store import MANIFEST_NAME, RUN_NAME, Store
 
 REPORT_NAME = "report.html"
@@ -53,6 +53,7 @@ def build_report(source: str | os.PathLike[str] | Store, *, title: str | None = 
         is written and the path where rank 0 writes is returned).
 
     Raises:
+        BBDecoderTypeError: ``source`` is not a path or a Store.
         SavePathError: ``source`` is not a folder, or holds neither ``run.json`` nor
             ``manifest.json`` (so it is not a BBDecoder output folder).
     """
@@ -70,10 +71,11 @@ def open_save_path(path: str | os.PathLike[str]) -> Store:
     """The :class:`Store` of an existing BBDecoder output folder (nothing is created).
 
     Raises:
+        BBDecoderTypeError: ``path`` is not a str or ``os.PathLike``.
         SavePathError: ``path`` is missing, a file, or not a BBDecoder output folder.
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise SavePathError(f"save_path must be a str or os.PathLike, got {type(path).__name__} {path!r:.80}")
+        raise BBDecoderTypeError(f"save_path must be a str or os.PathLike, got {type(path).__name__} {path!r:.80}")
     root = Path(path).expanduser()
     if not root.is_dir():
         what = "a file" if root.exists() else "missing"
