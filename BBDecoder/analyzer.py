@@ -93,7 +93,9 @@ class Master_analyzer(
             vanish_threshold=vanish_threshold,
             explode_threshold=explode_threshold,
         )
-        self._init_mixins(tensorboard_dir=tensorboard_dir)
+        self._init_weights()
+        self._init_similarity()
+        self._init_report(tensorboard_dir=tensorboard_dir)
         self._write_run_record()
         if self.input_size is not None:
             self._fill_output_shapes("Master_analyzer")
@@ -102,20 +104,11 @@ class Master_analyzer(
         if self.input_size is not None:
             self.visualize_architecture()
 
-    def _init_mixins(self, **options: Any) -> None:
-        """Let each analysis set up its own state (each mixin's ``_init_*`` method)."""
-        for name in ("_init_weights", "_init_similarity", "_init_features", "_init_report"):
-            init = getattr(self, name, None)
-            if init is not None:
-                init(**options) if name == "_init_report" else init()
-
     # ------------------------------------------------------------- lifetime
     def close(self) -> None:
         """Remove every hook BBDecoder still holds and flush open writers (idempotent)."""
         self.hooks.remove_all()
-        closer = getattr(self, "_close_report", None)
-        if closer is not None:
-            closer()
+        self._close_report()
 
     def __enter__(self) -> Master_analyzer:
         return self
@@ -226,15 +219,7 @@ class Master_analyzer(
 
     # ------------------------------------------------------------- run.json
     def _write_run_record(self) -> None:
-        path = self.store.root / RUN_NAME
-        previous: dict[str, Any] = {}
-        if path.is_file():
-            import json
-
-            try:
-                previous = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError:
-                previous = {}
+        previous = self.store.read_json(RUN_NAME) or {}
         started = now_iso()
         record = {
             "library": "BBDecoder",

@@ -253,6 +253,14 @@ class Store:
         os.chmod(name, _FILE_MODE)
         return Path(name)
 
+    def read_json(self, relative: str | os.PathLike[str]) -> Any:
+        """The JSON document at ``relative`` under the root, or ``None`` if absent or unreadable."""
+        path = self.resolve(relative)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
     # -------------------------------------------------------------- manifest
     def outputs(self, section: str | None = None) -> list[dict[str, Any]]:
         """Manifest entries (all, or of one section), oldest first."""
@@ -287,12 +295,8 @@ class Store:
         self._commit(self.root / MANIFEST_NAME, text.encode(), overwrite=True)
 
     def _load_manifest(self) -> list[dict[str, Any]]:
-        path = self.root / MANIFEST_NAME
-        if not path.is_file():
-            return []
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        entries = self.read_json(MANIFEST_NAME)
+        if not isinstance(entries, list):
             return []
         return [e for e in entries if isinstance(e, dict) and "section" in e and "path" in e]
 
