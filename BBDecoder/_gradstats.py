@@ -58,7 +58,7 @@ if _backend not in BACKENDS:
     _backend = "auto"
 _compile_failed = False
 _compiled_fn: Callable[..., torch.Tensor] | None = None
-_dummies: dict[tuple[torch.dtype, torch.device, bool], list[torch.Tensor]] = {}
+_dummies: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
 
 
 def set_backend(name: str) -> str:
@@ -165,6 +165,19 @@ def _eager(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows).float()
 
 
+def _padded(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Many small tensors at once: zero-padded into one matrix (zeros leave every statistic unchanged)."""
+    xs = [g.float() if g.dtype in _HALF else g for g in grads]
+    common = xs[0].dtype
+    for x in xs[1:]:
+        common = torch.promote_types(common, x.dtype)
+    rows = torch.nn.utils.rnn.pad_sequence([x.to(common) for x in xs], batch_first=True)
+    a = rows.abs()
+    l2 = (rows * rows).sum(1).sqrt()
+    nonfinite = torch.count_nonzero(a - a, dim=1).to(a.dtype)  # finite - finite = 0, else NaN
+    return torch.stack([a.sum(1), l2, a.amax(1), nonfinite], dim=1).float()
+
+
 def _foreach(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Multi-tensor kernels: L1, L2 and max|g| for all tensors in a few launches."""
     xs = [g.float() if g.dtype in _HALF else g for g in grads]
@@ -196,38 +209,39 @@ def _no_duck_shapes() -> Iterator[None]:
         yield
 
 
-def _dummy(dtype: torch.dtype, device: torch.device, large: bool) -> list[torch.Tensor]:
-    key = (dtype, device, large)
+def _dummy(dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Padding inputs for a partial chunk: just above :data:`_ACC_CHUNK`, like every compiled input."""
+    key = (dtype, device)
     if key not in _dummies:
-        size = _ACC_CHUNK + 1 if large else 2
-        _dummies[key] = [flat(torch.zeros(size, dtype=dtype, device=device)) for _ in range(_CHUNK)]
+        _dummies[key] = [flat(torch.zeros(_ACC_CHUNK + 1, dtype=dtype, device=device)) for _ in range(_CHUNK)]
     return _dummies[key]
 
 
 def _compiled_group(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
     """Run the compiled kernel; returns the result blocks and each row's input position.
 
-    Positions of ``-1`` are padding rows. Tensors of fewer than 2 elements (which
-    Dynamo would specialise on) run eagerly.
+    Positions of ``-1`` are padding rows. Tensors of at most :data:`_ACC_CHUNK` elements
+    (biases, norm scales) run eagerly as one zero-padded matrix: cheaper than compiled
+    calls, and it keeps a single compiled graph (all its inputs on one side of Inductor's
+    cascade-sum threshold).
     """
     fn = _compiled()
     blocks: list[torch.Tensor] = []
     order: list[int] = []
-    tiny = [i for i, g in enumerate(grads) if g.numel() < 2]
-    if tiny:
-        blocks.append(_eager([grads[i] for i in tiny]))
-        order.extend(tiny)
-    for large in (False, True):
-        members = [i for i, g in enumerate(grads) if g.numel() >= 2 and (g.numel() > _ACC_CHUNK) == large]
-        for start in range(0, len(members), _CHUNK):
-            part = members[start : start + _CHUNK]
-            inputs = [grads[i] for i in part]
-            pad = _CHUNK - len(part)
-            if pad:
-                inputs += _dummy(inputs[0].dtype, inputs[0].device, large)[:pad]
-            with _no_duck_shapes():
-                blocks.append(fn(*inputs).float())
-            order.extend(part + [-1] * pad)
+    small = [i for i, g in enumerate(grads) if g.numel() <= _ACC_CHUNK]
+    if small:  # biases, norm scales: one padded batch of eager row reductions beats compiled calls
+        blocks.append(_padded([grads[i] for i in small]))
+        order.extend(small)
+    large = [i for i, g in enumerate(grads) if g.numel() > _ACC_CHUNK]
+    for start in range(0, len(large), _CHUNK):
+        part = large[start : start + _CHUNK]
+        inputs = [grads[i] for i in part]
+        pad = _CHUNK - len(part)
+        if pad:
+            inputs += _dummy(inputs[0].dtype, inputs[0].device)[:pad]
+        with _no_duck_shapes():
+            blocks.append(fn(*inputs).float())
+        order.extend(part + [-1] * pad)
     return blocks, order
 
 

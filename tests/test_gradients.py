@@ -220,7 +220,7 @@ def test_compile_failure_falls_back_silently(monkeypatch: pytest.MonkeyPatch) ->
     _gradstats.reset_compile_state()
     monkeypatch.setattr(torch, "compile", broken_compile)
     try:
-        grads = example_gradients(large=False)
+        grads = example_gradients(large=True)  # tensors above 4096 elements take the compiled path
         _gradstats.set_backend("compiled")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
