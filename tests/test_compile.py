@@ -29,11 +29,11 @@ STEPS = 5
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.pool = nn.AdaptiveAvgPool2d(4)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(16, 3)
+        self.fc = nn.Linear(128, 40)  # 5120 weights: above 4096, so the compiled statistics kernel runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
@@ -85,7 +85,7 @@ def test_wrapping_a_compiled_model(tmp_path: Path) -> None:
     wm = Master_analyzer(fast, tmp_path, [4, 3, 6, 6], verbose=False)
     assert wm.model is fast and wm.inner is model
     assert [layer.name for layer in wm.layers] == ["conv", "relu", "pool", "flatten", "fc"]
-    assert wm.summary()[-1]["output_shape"] == [4, 3]
+    assert wm.summary()[-1]["output_shape"] == [4, 40]
     x, _ = data(0)
     torch.testing.assert_close(wm.forward_propagation(x), model(x))
     assert model.training  # the analyses' eval passes left the flag as it was
