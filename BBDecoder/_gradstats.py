@@ -78,11 +78,6 @@ def set_backend(name: str) -> str:
     return previous
 
 
-def get_backend() -> str:
-    """The configured backend name (see :func:`set_backend`)."""
-    return _backend
-
-
 def backend_for(device: torch.device, elements: int = COMPILE_MIN_ELEMENTS) -> str:
     """The backend that will actually run for ``elements`` gradient entries on ``device``.
 

@@ -40,16 +40,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return reduced / world_size()
 
 
-def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
-    """Return rank 0's ``tensor`` on every rank (shapes must agree)."""
-    if world_size() == 1:
-        return tensor
-    shared = tensor.detach().clone().contiguous()
-    dist.broadcast(shared, src=0)
-    return shared
-
-
-# ------------------------------------------------------------------ sharded tensors (FSDP2)
 def _dtensor_type() -> type | None:
     """``DTensor`` if its module is loaded (no DTensor can exist otherwise; importing it costs 0.5 s)."""
     module = sys.modules.get("torch.distributed.tensor")
