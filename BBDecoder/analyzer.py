@@ -88,6 +88,7 @@ class Master_analyzer(
         self.hooks = HookRegistry()
         self._example_input: Any = None
         self._output_shapes: dict[int, Any] = {}
+        self._shapes_failed = False  # the model rejected the dummy input once: do not rerun it every call
         self._init_gradients(
             include_bias=include_bias,
             vanish_threshold=vanish_threshold,
@@ -141,7 +142,7 @@ class Master_analyzer(
         Args:
             costs: also add the columns of :meth:`layer_costs` (one extra measured pass).
         """
-        if not self._output_shapes:
+        if not self._output_shapes and not self._shapes_failed:
             self._fill_output_shapes("summary")
         rows = [
             {
@@ -192,6 +193,7 @@ class Master_analyzer(
             first, rest = (example[0], tuple(example[1:])) if isinstance(example, tuple) else (example, ())
             _, outputs = self._capture(first, list(self.layers), call, args=rest)
         except ModelForwardError as error:
+            self._shapes_failed = True
             warnings.warn(f"output shapes unknown: {error}", BBDecoderWarning, stacklevel=3)
             return
         self._output_shapes = {lid: shape_of(out) for lid, out in outputs.items()}
