@@ -11,21 +11,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
-from ._model import dummy_input, shape_of, validate_input_size
 from ._version import __version__
-from .analysis.cost import CostMixin
-from .analysis.features import FeatureMixin
-from .analysis.gradcam import GradCamMixin
-from .analysis.gradients import GradientMixin
-from .analysis.report import ReportMixin
-from .analysis.similarity import SimilarityMixin
-from .analysis.weights import WeightMixin
+from .analyses.cost import CostMixin
+from .analyses.features import FeatureMixin
+from .analyses.gradcam import GradCamMixin
+from .analyses.gradients import GradientMixin
+from .analyses.report import ReportMixin
+from .analyses.similarity import SimilarityMixin
+from .analyses.weights import WeightMixin
+from .core import distributed
+from .core.hooks import HookRegistry
+from .core.layers import LayerTable, unwrap_model
+from .core.model import dummy_input, shape_of, validate_input_size
 from .errors import BBDecoderTypeError, BBDecoderWarning, ModelForwardError
 from .graph import draw_architecture
-from .hooks import HookRegistry
-from .layers import LayerTable, unwrap_model
-from .store import RUN_NAME, Store, now_iso
+from .output.store import RUN_NAME, Store, now_iso
 from .summary import format_table
 
 

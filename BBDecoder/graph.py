@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from ._model import eval_mode
+from .core.layers import LayerTable
+from .core.model import eval_mode
 from .errors import BBDecoderWarning, GraphvizMissingWarning
-from .layers import LayerTable
-from .store import Store
+from .output.store import Store
 
 DOT_HINT = (
     "install Graphviz's `dot` program to get PNG/SVG (Debian/Ubuntu: apt-get install graphviz; "

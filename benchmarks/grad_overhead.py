@@ -31,7 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from BBDecoder import Master_analyzer, _gradstats
+from BBDecoder import Master_analyzer
+from BBDecoder.kernels import gradstats as _gradstats
 
 
 class BasicBlock(nn.Module):

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
 
-from BBDecoder import Master_analyzer, _gradstats
+from BBDecoder import Master_analyzer
+from BBDecoder.kernels import gradstats as _gradstats
 
 STEPS = 5
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import BBDecoder
 from BBDecoder import Master_analyzer, graph
-from BBDecoder.hooks import count_module_hooks
+from BBDecoder.core.hooks import count_module_hooks
 
 GOLDEN = Path(__file__).parent / "golden"
 

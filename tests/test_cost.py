@@ -15,8 +15,8 @@ from torch.nn.modules import module as module_globals
 from torch.utils.flop_counter import FlopCounterMode
 
 from BBDecoder import BBDecoderTypeError, BBDecoderValueError, Master_analyzer, ModelForwardError
-from BBDecoder.analysis.cost import COST_KEYS
-from BBDecoder.hooks import count_module_hooks
+from BBDecoder.analyses.cost import COST_KEYS
+from BBDecoder.core.hooks import count_module_hooks
 
 
 def analyzer(model: nn.Module, path: Path, depth: int = 1) -> Master_analyzer:

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from BBDecoder import Master_analyzer
-    from BBDecoder.store import Store
+    from BBDecoder.output.store import Store
 
     save_path, kill_at, epochs = sys.argv[1], int(sys.argv[2]), [int(e) for e in sys.argv[3].split(",")]
     if kill_at >= 0:  # die half-way through the kill_at-th file write of this process

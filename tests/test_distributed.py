@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 from torch import nn
 
-from BBDecoder import BBDecoderValueError, Master_analyzer, _gradstats
-from BBDecoder.analysis.gradients import CSV_HEADER
+from BBDecoder import BBDecoderValueError, Master_analyzer
+from BBDecoder.analyses.gradients import CSV_HEADER
+from BBDecoder.kernels import gradstats as _gradstats
 
 pytestmark = pytest.mark.distributed
 
@@ -337,7 +338,7 @@ def test_fsdp_ranks_that_recorded_differently_raise_instead_of_hanging(world: di
 
 def test_single_process_save_makes_no_collective(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without torch.distributed nothing is reduced: the eager path stays as it was."""
-    import BBDecoder.distributed as distributed
+    import BBDecoder.core.distributed as distributed
 
     def refuse(*_args: Any, **_kwargs: Any) -> None:
         raise AssertionError("a collective in a single process")
@@ -360,8 +361,8 @@ def test_shard_reduction_arithmetic(monkeypatch: pytest.MonkeyPatch, backend: st
     peer's own call) is summed / maximised in; NaN, inf, an empty shard and a missing
     gradient must come out as the single-process kernel gives them.
     """
-    import BBDecoder.distributed as distributed
-    from BBDecoder.analysis.gradients import _Column, _Recorder
+    import BBDecoder.core.distributed as distributed
+    from BBDecoder.analyses.gradients import _Column, _Recorder
 
     monkeypatch.setattr(_gradstats, "_backend", backend)  # the shards' kernel; restored afterwards
     nan, inf = math.nan, math.inf

@@ -12,7 +12,7 @@ import torch
 from models import SmallCNN
 
 from BBDecoder import Master_analyzer
-from BBDecoder.hooks import count_module_hooks
+from BBDecoder.core.hooks import count_module_hooks
 
 
 def rss_mb() -> float:

@@ -13,8 +13,8 @@ from models import MLP, FrozenNet, HostileNames, TokenModel
 from torch import nn
 
 from BBDecoder import Master_analyzer
+from BBDecoder.core.hooks import count_module_hooks
 from BBDecoder.errors import BBDecoderTypeError, BBDecoderValueError, LayerSelectionError, SavePathError
-from BBDecoder.hooks import count_module_hooks
 from BBDecoder.plots.features import color_scale, feature_figure, view_for
 
 

@@ -15,7 +15,7 @@ from models import FrozenNet, InplaceReLUNet, ResidualNet, TokenModel
 from torch import nn
 
 from BBDecoder import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning, Master_analyzer
-from BBDecoder.hooks import count_module_hooks
+from BBDecoder.core.hooks import count_module_hooks
 
 # ----------------------------------------------------------------------------- reference
 

@@ -27,9 +27,9 @@ from BBDecoder import (
     LayerSelectionError,
     Master_analyzer,
     SavePathError,
-    _gradstats,
 )
-from BBDecoder.analysis.gradients import CSV_HEADER
+from BBDecoder.analyses.gradients import CSV_HEADER
+from BBDecoder.kernels import gradstats as _gradstats
 from BBDecoder.plots.gradients import _log_limits, gradient_flow_figure
 
 GOLDEN_HEADER = "epoch,iteration,layer_id,layer_name,param,mean_abs,max_abs,l1,l2,nonfinite"

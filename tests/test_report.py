@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from BBDecoder.errors import SavePathError
+from BBDecoder.output.store import RUN_NAME, Store, safe_name
 from BBDecoder.report import REPORT_NAME, build_report, collect
 from BBDecoder.report.builder import format_bytes, format_cell, format_si
-from BBDecoder.store import RUN_NAME, Store, safe_name
 
 HOSTILE = '<script>alert("pwned")</script>'
 HOSTILE_ATTR = '"><img src=x onerror=alert(1)>'

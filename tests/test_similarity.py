@@ -16,10 +16,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from BBDecoder import BBDecoderTypeError, BBDecoderValueError, Master_analyzer, ModelForwardError, distributed
-from BBDecoder.analysis import similarity
-from BBDecoder.analysis.similarity import CSV_COLUMNS, SIM_METHODS, slice_similarity
-from BBDecoder.hooks import count_module_hooks
+from BBDecoder import BBDecoderTypeError, BBDecoderValueError, Master_analyzer, ModelForwardError
+from BBDecoder.analyses import similarity
+from BBDecoder.analyses.similarity import CSV_COLUMNS, SIM_METHODS, slice_similarity
+from BBDecoder.core import distributed
+from BBDecoder.core.hooks import count_module_hooks
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

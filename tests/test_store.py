@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from BBDecoder.errors import SavePathError
-from BBDecoder.store import Store, safe_name
+from BBDecoder.output.store import Store, safe_name
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from models import MLP, SmallCNN
 
 from BBDecoder import BBDecoderTypeError, Master_analyzer, MissingDependencyError
-from BBDecoder.analysis.report import _write_scalars, histogram_summary
+from BBDecoder.analyses.report import _write_scalars, histogram_summary
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

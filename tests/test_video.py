@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from BBDecoder import Master_analyzer, video
+from BBDecoder import Master_analyzer
 from BBDecoder.errors import (
     BBDecoderTypeError,
     BBDecoderValueError,
@@ -21,6 +21,7 @@ from BBDecoder.errors import (
     SavePathError,
     VideoWriteError,
 )
+from BBDecoder.output import video
 from BBDecoder.plots.features import color_scale, feature_figure
 
 
@@ -37,7 +38,7 @@ class Probe(nn.Module):
 
 
 def read_video(path: Path) -> list[np.ndarray]:
-    """Every decoded frame (independently of BBDecoder.video.read_back)."""
+    """Every decoded frame (independently of BBDecoder.output.video.read_back)."""
     capture = cv2.VideoCapture(str(path))
     frames = []
     while True:

@@ -15,14 +15,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from BBDecoder import BBDecoderTypeError, BBDecoderValueError, LayerSelectionError, Master_analyzer, SavePathError
-from BBDecoder.analysis.weights import (
+from BBDecoder.analyses.weights import (
     WeightHistogramWarning,
     collect_histograms,
     histogram_arrays,
     load_histograms,
     tensor_histogram,
 )
-from BBDecoder.hooks import count_module_hooks
+from BBDecoder.core.hooks import count_module_hooks
 from BBDecoder.plots.weights import panel_layout, rebin
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -11,12 +11,12 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..analysis.weights import SATURATION
+from ..analyses.weights import SATURATION
 from ..summary import printable
 from . import new_figure, spread
 
 if TYPE_CHECKING:
-    from ..analysis.weights import LayerHistograms, ParamHistogram
+    from ..analyses.weights import LayerHistograms, ParamHistogram
 
 MAX_COLUMNS = 4
 MAX_RIDGES = 40

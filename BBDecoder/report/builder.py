@@ -21,7 +21,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import BBDecoderTypeError, SavePathError
-from ..store import MANIFEST_NAME, RUN_NAME, Store
+from ..output.store import MANIFEST_NAME, RUN_NAME, Store
 
 REPORT_NAME = "report.html"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
@@ -45,7 +45,7 @@ def build_report(source: str | os.PathLike[str] | Store, *, title: str | None = 
 
     Args:
         source: the ``save_path`` folder (written now or by an earlier process), or the
-            :class:`~BBDecoder.store.Store` of a live analyzer.
+            :class:`~BBDecoder.output.store.Store` of a live analyzer.
         title: the page title; defaults to ``"BBDecoder report: <model class>"``.
 
     Returns:

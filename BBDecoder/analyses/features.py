@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .. import video
-from .._model import first_tensor
+from ..core.layers import Layer
+from ..core.model import first_tensor
 from ..errors import (
     BBDecoderTypeError,
     BBDecoderValueError,
@@ -26,9 +26,9 @@ from ..errors import (
     LayerSelectionError,
     VideoWriteError,
 )
-from ..layers import Layer
+from ..output import video
+from ..output.store import safe_name
 from ..plots.features import ColorScale, color_scale, feature_figure, view_for
-from ..store import safe_name
 from ._base import AnalyzerBase
 
 if TYPE_CHECKING:

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._model import first_tensor
+from ..core.layers import Layer
+from ..core.model import first_tensor
 from ..errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning
-from ..layers import Layer
-from ..store import safe_name
+from ..output.store import safe_name
 from ._base import AnalyzerBase
 
 SECTION = "gradcam"

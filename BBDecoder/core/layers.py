@@ -9,8 +9,8 @@ from typing import Any, Union
 
 from torch import nn
 
+from ..errors import BBDecoderTypeError, LayerSelectionError
 from .distributed import user_class
-from .errors import BBDecoderTypeError, LayerSelectionError
 
 Selector = Union[int, str, Sequence[int | str], None]
 ROOT_NAME = "(model)"

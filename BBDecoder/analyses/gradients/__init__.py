@@ -30,16 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _gradstats, distributed
-from ..errors import (
+from ...core import distributed
+from ...core.layers import ROOT_NAME, Layer, Selector
+from ...errors import (
     BBDecoderTypeError,
     BBDecoderValueError,
     BBDecoderWarning,
     GradientAlertWarning,
     LayerSelectionError,
 )
-from ..layers import ROOT_NAME, Layer, Selector
-from ._base import AnalyzerBase
+from ...kernels import gradstats
+from .._base import AnalyzerBase
 
 CSV_HEADER = ("epoch", "iteration", "layer_id", "layer_name", "param", "mean_abs", "max_abs", "l1", "l2", "nonfinite")
 SECTION = "gradients"
@@ -182,8 +183,8 @@ class _Recorder:
         dests: list[torch.Tensor] = []
         device: torch.device | None = self.data.device if self.data is not None else None
         for group in plan.groups(grads, present):
-            flats = [_gradstats.flat(grads[i].detach()) for i in group.positions]  # type: ignore[union-attr]
-            stats, order = _gradstats.grad_stats(flats, allow_empty=plan.dtensors)
+            flats = [gradstats.flat(grads[i].detach()) for i in group.positions]  # type: ignore[union-attr]
+            stats, order = gradstats.grad_stats(flats, allow_empty=plan.dtensors)
             if device is None:
                 device = stats.device
             elif stats.device != device:
@@ -390,7 +391,7 @@ class GradientMixin(AnalyzerBase):
         if plan is not None and plan.refresh:  # FSDP2: the sharded parameters are back in place now
             plan = self._gradient_plan(layer_inds, bias, after_backward=True)
         if plan is not None and iteration % every == 0:
-            if not state.announced and _gradstats.needs_compile(plan.params[0].device, plan.elements):
+            if not state.announced and gradstats.needs_compile(plan.params[0].device, plan.elements):
                 state.announced = True
                 self._say(
                     "BBDecoder: compiling the gradient-statistics kernel with torch.compile (once per process; "
@@ -649,7 +650,7 @@ class GradientMixin(AnalyzerBase):
         alerts: list[dict[str, Any]],
         layer_norms: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]],
     ) -> list[Path]:
-        from ..plots import gradients as plots
+        from ...plots import gradients as plots
 
         store = self.store
         stem = f"epoch_{data.epoch:03d}"

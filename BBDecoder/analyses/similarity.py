@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from .. import distributed
-from .._model import accumulator_dtype, first_tensor
+from ..core import distributed
+from ..core.layers import Layer, Selector
+from ..core.model import accumulator_dtype, first_tensor
 from ..errors import BBDecoderTypeError, BBDecoderValueError
-from ..layers import Layer, Selector
-from ..store import now_iso
+from ..output.store import now_iso
 from ..summary import printable
 from ._base import AnalyzerBase
 

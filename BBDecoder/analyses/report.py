@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import distributed
+from ..core import distributed
 from ..errors import BBDecoderTypeError, require
 from ._base import AnalyzerBase
 

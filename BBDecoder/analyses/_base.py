@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed
-from .._model import eval_mode, model_device, to_device
+from ..core import distributed
+from ..core.hooks import HookRegistry
+from ..core.layers import Layer, LayerTable, Selector
+from ..core.model import eval_mode, model_device, to_device
 from ..errors import ModelForwardError
-from ..hooks import HookRegistry
-from ..layers import Layer, LayerTable, Selector
-from ..store import Store
+from ..output.store import Store
 
 logger = logging.getLogger("BBDecoder")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BBDecoderTypeError, BBDecoderValueError, VideoWriteError
-from .plots import spread
+from ..errors import BBDecoderTypeError, BBDecoderValueError, VideoWriteError
+from ..plots import spread
 
 # format name → (file suffix, OpenCV fourcc)
 CODECS: dict[str, tuple[str, str]] = {"mp4": (".mp4", "mp4v"), "webm": (".webm", "VP80")}

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import distributed
-from .errors import BBDecoderTypeError, SavePathError
+from ..core import distributed
+from ..errors import BBDecoderTypeError, SavePathError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed
-from .._model import accumulator_dtype
+from ..core import distributed
+from ..core.layers import Layer, Selector
+from ..core.model import accumulator_dtype
 from ..errors import BBDecoderTypeError, BBDecoderValueError, WeightHistogramWarning
-from ..layers import Layer, Selector
-from ..store import safe_name
+from ..output.store import safe_name
 from ._base import AnalyzerBase
 
 DEFAULT_CHUNK = 1 << 24

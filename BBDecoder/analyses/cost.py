@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._model import dummy_input, eval_mode, shape_of, to_device, validate_input_size
+from ..core.layers import Layer
+from ..core.model import dummy_input, eval_mode, shape_of, to_device, validate_input_size
 from ..errors import BBDecoderTypeError, BBDecoderValueError, ModelForwardError
-from ..layers import Layer
 from ._base import AnalyzerBase
 
 COST_KEYS = ("id", "name", "params", "forward_flops", "backward_flops", "forward_ms", "activation_bytes")

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import BBDecoderTypeError, BBDecoderValueError
 from .distributed import reshard_fsdp
-from .errors import BBDecoderTypeError, BBDecoderValueError
 
 
 @contextlib.contextmanager

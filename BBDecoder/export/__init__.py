@@ -1,0 +1,1 @@
+"""Exporters that subscribe to analysis events (TensorBoard)."""

@@ -1,0 +1,1 @@
+"""Training-framework integrations (Lightning, Hugging Face ``transformers``), imported lazily."""

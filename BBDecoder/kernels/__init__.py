@@ -1,0 +1,1 @@
+"""Device kernels: gradient statistics (compiled on the CPU, multi-tensor on accelerators)."""
