@@ -22,8 +22,9 @@ from .analyses.weights import WeightMixin
 from .core import distributed
 from .core.hooks import HookRegistry
 from .core.layers import LayerTable, unwrap_model
-from .core.model import dummy_input, shape_of, validate_input_size
-from .errors import BBDecoderTypeError, BBDecoderWarning, ModelForwardError
+from .core.model import input_spec, validate_input_size
+from .core.tree import CallSpec, as_call, shape_of, tensors
+from .errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning, ModelForwardError
 from .graph import draw_architecture
 from .output.store import RUN_NAME, Store, now_iso
 from .summary import format_table
@@ -49,6 +50,12 @@ class Master_analyzer(
         save_path: folder for every output; created if missing.
         input_size: shape of one input batch, e.g. ``[1, 3, 32, 32]`` (or a list of
             shapes), used for output shapes in the summary and for the architecture graph.
+        example_input: a real batch instead of ``input_size``, for models whose input is
+            not a float image: a tensor, a tuple of positional inputs, a dict of keyword
+            inputs (a tokenizer's output), or a list (one positional input, e.g. a
+            detector's list of images). Only its shapes and dtypes are kept.
+        input_dtype: dtype of the zeros built from ``input_size`` (``torch.long`` for
+            token IDs); default ``torch.float32``.
         depth: number modules down to this depth (1: the top-level children).
         verbose: print the summary at construction and tables after analysis calls.
         include_bias: also record gradient statistics of biases.
@@ -68,6 +75,8 @@ class Master_analyzer(
         save_path: str | os.PathLike[str],
         input_size: list[int] | list[list[int]] | None = None,
         *,
+        example_input: Any = None,
+        input_dtype: torch.dtype | None = None,
         depth: int = 1,
         verbose: bool = True,
         include_bias: bool = False,
@@ -82,11 +91,11 @@ class Master_analyzer(
         self.model = model
         self.inner = unwrap_model(model)
         self.input_size = validate_input_size(input_size)
+        self._call_spec = _call_spec(self.input_size, input_dtype, example_input)
         self.layers = LayerTable(self.inner, depth)
         self.verbose = bool(verbose)
         self.store = Store(save_path)
         self.hooks = HookRegistry()
-        self._example_input: Any = None
         self._output_shapes: dict[int, Any] = {}
         self._shapes_failed = False  # the model rejected the dummy input once: do not rerun it every call
         self._init_gradients(
@@ -98,11 +107,11 @@ class Master_analyzer(
         self._init_similarity()
         self._init_report(tensorboard_dir=tensorboard_dir)
         self._write_run_record()
-        if self.input_size is not None:
+        if self._call_spec is not None:
             self._fill_output_shapes("Master_analyzer")
         if self.verbose:
             self.summary()
-        if self.input_size is not None:
+        if self._call_spec is not None:
             self.visualize_architecture()
 
     # ------------------------------------------------------------- lifetime
@@ -124,11 +133,15 @@ class Master_analyzer(
         )
 
     # -------------------------------------------------------------- running
-    def forward_propagation(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        """Return exactly what ``model(x, *args, **kwargs)`` returns."""
-        if self._example_input is None and self.input_size is None:
-            self._example_input = _shape_spec(x)
-        return self.model(x, *args, **kwargs)
+    def forward_propagation(self, *args: Any, **kwargs: Any) -> Any:
+        """Return exactly what ``model(*args, **kwargs)`` returns, for any calling convention.
+
+        The first call's input shapes and dtypes (never the data) are remembered, so output
+        shapes and the architecture graph work after one training step for any model.
+        """
+        if self._call_spec is None:
+            self._call_spec = CallSpec.of(args, kwargs)
+        return self.model(*args, **kwargs)
 
     __call__ = forward_propagation
 
@@ -159,7 +172,7 @@ class Master_analyzer(
         if costs:
             example = self._example()
             if example is not None:
-                by_id = {row["id"]: row for row in self.layer_costs(example)}
+                by_id = {row["id"]: row for row in self._measure_costs(example)}
                 for row in rows:
                     for key in ("forward_flops", "backward_flops", "forward_ms", "activation_bytes"):
                         row[key] = by_id[row["id"]][key]
@@ -177,21 +190,16 @@ class Master_analyzer(
             "trainable": sum(p.numel() for p in params if p.requires_grad),
         }
 
-    def _example(self) -> Any:
-        """A dummy input from ``input_size`` or from the first forward pass's shapes."""
-        if self.input_size is not None:
-            return dummy_input(self.input_size, self.device)
-        if self._example_input is not None:
-            return dummy_input(self._example_input, self.device)
-        return None
+    def _example(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """``(args, kwargs)`` of zeros shaped like ``input_size``, ``example_input`` or the first call."""
+        return None if self._call_spec is None else self._call_spec.materialize(self.device)
 
     def _fill_output_shapes(self, call: str) -> None:
         example = self._example()
         if example is None:
             return
         try:
-            first, rest = (example[0], tuple(example[1:])) if isinstance(example, tuple) else (example, ())
-            _, outputs = self._capture(first, list(self.layers), call, args=rest)
+            _, outputs = self._capture(example, list(self.layers), call)
         except ModelForwardError as error:
             self._shapes_failed = True
             warnings.warn(f"output shapes unknown: {error}", BBDecoderWarning, stacklevel=3)
@@ -208,7 +216,7 @@ class Master_analyzer(
         example = self._example()
         if example is None:
             warnings.warn(
-                "visualize_architecture needs input_size (or one forward_propagation call first)",
+                "visualize_architecture needs input_size or example_input (or one forward_propagation call first)",
                 BBDecoderWarning,
                 stacklevel=2,
             )
@@ -234,6 +242,7 @@ class Master_analyzer(
             "model": type(self.inner).__name__,
             "depth": self.layers.depth,
             "input_size": self.input_size,
+            "input": None if self._call_spec is None else self._call_spec.describe(),
             "world_size": distributed.world_size(),
             "totals": self._totals(),
             "layers": [
@@ -250,8 +259,30 @@ class Master_analyzer(
         self.store.write_json(RUN_NAME, record, overwrite=True)
 
 
-def _shape_spec(x: Any) -> Any:
-    """The shape(s) of a forward input, kept instead of the tensor itself."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return list(x.shape)
-    return None
+def _call_spec(input_size: list[Any] | None, input_dtype: Any, example_input: Any) -> CallSpec | None:
+    """The remembered call from ``input_size`` (+ ``input_dtype``) or ``example_input``.
+
+    Raises:
+        BBDecoderTypeError: ``input_dtype`` is not a ``torch.dtype``.
+        BBDecoderValueError: both ``input_size`` and ``example_input`` were given, or
+            ``input_dtype`` without ``input_size``.
+    """
+    if input_dtype is not None and not isinstance(input_dtype, torch.dtype):
+        raise BBDecoderTypeError(
+            f"input_dtype must be a torch.dtype such as torch.long, got {type(input_dtype).__name__} {input_dtype!r}"
+        )
+    if example_input is not None and input_size is not None:
+        raise BBDecoderValueError("give input_size or example_input, not both")
+    if input_dtype is not None and input_size is None:
+        raise BBDecoderValueError(f"input_dtype={input_dtype} needs input_size (example_input carries its own dtypes)")
+    if input_size is not None:
+        return input_spec(input_size, input_dtype or torch.float32)
+    if example_input is None:
+        return None
+    args, kwargs = as_call(example_input)
+    if next(tensors((args, kwargs)), None) is None:
+        raise BBDecoderTypeError(
+            f"example_input must hold at least one tensor (a tensor, tuple, dict or list of them), "
+            f"got {type(example_input).__name__} {example_input!r:.80}"
+        )
+    return CallSpec.of(args, kwargs)

@@ -31,6 +31,18 @@ class ModelForwardError(BBDecoderError, RuntimeError):
     """The user's model raised during a forward pass that BBDecoder ran for an analysis."""
 
 
+class OutputWriteError(BBDecoderError, OSError):
+    """A file under ``save_path`` (or a folder the user named) could not be written.
+
+    Raised for every operating-system error of a write (disk full, permission denied, a
+    read-only folder); ``errno`` and ``filename`` are those of the failed write, and the
+    message names the path and the cause. Nothing partial is left under the final name.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class VideoWriteError(BBDecoderError, RuntimeError):
     """A video could not be written or read back."""
 
@@ -53,6 +65,10 @@ class GraphvizMissingWarning(BBDecoderWarning):
 
 class WeightHistogramWarning(BBDecoderWarning):
     """A selected layer has no parameters (it gets no weight histogram), or a saved one cannot be read."""
+
+
+class OutputDamagedWarning(BBDecoderWarning):
+    """``manifest.json`` or ``run.json`` could not be read: it was kept aside under a new name and rebuilt."""
 
 
 def require(module: str, feature: str, extra: str | None = None) -> object:

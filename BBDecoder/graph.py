@@ -55,8 +55,10 @@ def _labels_with_ids(layers: LayerTable) -> Iterator[None]:
         ComputationGraph.get_node_label = original  # type: ignore[method-assign]
 
 
-def draw_architecture(model: nn.Module, example: Any, layers: LayerTable, store: Store) -> list[Path]:
-    """Draw the graph of ``model`` on ``example`` into ``architecture/``.
+def draw_architecture(
+    model: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], layers: LayerTable, store: Store
+) -> list[Path]:
+    """Draw the graph of ``model`` called as ``model(*args, **kwargs)`` (``example``) into ``architecture/``.
 
     Writes PNG and SVG when ``dot`` is installed, and the Graphviz source (``.gv``) always.
     Never raises: a failure is a warning, so it cannot block wrapping.
@@ -65,9 +67,12 @@ def draw_architecture(model: nn.Module, example: Any, layers: LayerTable, store:
         from torchview import draw_graph
 
         with _labels_with_ids(layers), eval_mode(model):
+            args, kwargs = example  # the model's (args, kwargs)
+            extra = kwargs if args else {}  # torchview passes a dict input_data as the keyword inputs
             graph = draw_graph(
                 model,
-                input_data=[example] if not isinstance(example, tuple) else list(example),
+                input_data=list(args) if args else dict(kwargs),
+                **extra,
                 depth=layers.depth,
                 expand_nested=True,
                 graph_name="architecture",

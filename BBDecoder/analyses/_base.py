@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ..core import distributed
+from ..core.forward import After, hooked_forward
 from ..core.hooks import HookRegistry
 from ..core.layers import Layer, LayerTable, Selector
-from ..core.model import eval_mode, model_device, to_device
-from ..errors import ModelForwardError
+from ..core.model import model_device
 from ..output.store import Store
 
 logger = logging.getLogger("BBDecoder")
@@ -76,20 +76,19 @@ class AnalyzerBase:
     # -------------------------------------------------------------- forward
     def _capture(
         self,
-        x: Any,
+        inputs: tuple[tuple[Any, ...], dict[str, Any]],
         layers: Sequence[Layer],
         call: str,
         *,
         grad: bool = False,
         keep_graph: bool = False,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
+        after: After | None = None,
     ) -> tuple[Any, dict[int, Any]]:
-        """Run ``x`` through the model in eval mode and capture ``layers``' outputs.
+        """Run the model once on ``inputs = (args, kwargs)`` in eval mode; capture ``layers``' outputs.
 
-        Hooks exist only during the call; the previous train/eval flag of every module is
-        restored. With ``grad`` the pass records a graph (for Grad-CAM); otherwise it runs
-        under ``torch.no_grad()``. Outputs are detached unless ``keep_graph``.
+        Hooks exist only during the call (see :func:`~BBDecoder.core.forward.hooked_forward`).
+        With ``grad`` the pass records a graph (Grad-CAM, costs); otherwise it runs under
+        ``torch.no_grad()``. Outputs are detached unless ``keep_graph``.
 
         Returns:
             ``(model_output, {layer_id: layer_output})``.
@@ -97,49 +96,19 @@ class AnalyzerBase:
         Raises:
             ModelForwardError: the model raised; says which call and layer were running.
         """
-        captured: dict[int, Any] = {}
-        running: list[Layer] = []
-
-        def enter(layer: Layer) -> Any:
-            def hook(_module: nn.Module, _inputs: Any) -> None:
-                running.append(layer)
-
-            return hook
-
-        def leave(layer: Layer, wanted: bool) -> Any:
-            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                if running and running[-1] is layer:
-                    running.pop()
-                if wanted and layer.id not in captured:
-                    captured[layer.id] = output if keep_graph else _detach(output)
-
-            return hook
-
-        wanted_ids = {layer.id for layer in layers}
-        x = to_device(x, self.device)
-        with self.hooks.session() as hooks, eval_mode(self.inner), torch.set_grad_enabled(grad):
-            for layer in self.layers:
-                if layer.module is self.inner:
-                    continue
-                hooks.forward_pre(layer.module, enter(layer))
-                hooks.forward(layer.module, leave(layer, layer.id in wanted_ids))
-            if any(layer.module is self.inner for layer in layers):
-                hooks.forward(self.inner, leave(layers[0], True))
-            try:
-                output = self.inner(x, *args, **(kwargs or {}))
-            except Exception as error:
-                where = f" inside layer {running[-1].id} {running[-1].name!r}" if running else ""
-                raise ModelForwardError(
-                    f"{call}: the model's forward pass raised {type(error).__name__}{where}: {error}"
-                ) from error
-        return output, captured
-
-
-def _detach(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output.detach()
-    if isinstance(output, dict):
-        return {k: _detach(v) for k, v in output.items()}
-    if isinstance(output, (list, tuple)):
-        return type(output)(_detach(v) for v in output) if not hasattr(output, "_fields") else output
-    return output
+        args, kwargs = inputs
+        with (
+            hooked_forward(
+                self.inner,
+                self.layers,
+                self.hooks,
+                call,
+                device=self.device,
+                capture=layers,
+                keep_graph=keep_graph,
+                after=after,
+            ) as run,
+            torch.set_grad_enabled(grad),
+        ):
+            output = run(args, kwargs)
+        return output, dict(run.captured)

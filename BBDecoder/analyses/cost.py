@@ -12,16 +12,18 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..core.forward import hooked_forward
 from ..core.layers import Layer
-from ..core.model import dummy_input, eval_mode, shape_of, to_device, validate_input_size
-from ..errors import BBDecoderTypeError, BBDecoderValueError, ModelForwardError
+from ..core.model import input_spec, validate_input_size
+from ..core.tree import as_call, shape_of, tensors, to_device
+from ..errors import BBDecoderTypeError, BBDecoderValueError
 from ._base import AnalyzerBase
 
 COST_KEYS = ("id", "name", "params", "forward_flops", "backward_flops", "forward_ms", "activation_bytes")
@@ -71,8 +73,9 @@ class CostMixin(AnalyzerBase):
 
         Args:
             input_size_or_example: an input shape such as ``[8, 3, 32, 32]`` (zeros of that
-                shape are used), a list of shapes for several inputs, an example tensor,
-                or a tuple of example tensors (passed as positional inputs).
+                shape are used), a list of shapes for several inputs, or the model's input
+                as it takes it: a tensor, a tuple of positional inputs, a dict of keyword
+                inputs, a list (one positional input, such as a detector's images).
             repeats: timed forward passes (at least 1).
             warmup: untimed forward passes before them (at least 0).
 
@@ -84,13 +87,19 @@ class CostMixin(AnalyzerBase):
             BBDecoderTypeError, BBDecoderValueError: a bad argument.
             ModelForwardError: the model raised on the input.
         """
-        x, rest = self._cost_input(input_size_or_example)
+        inputs = self._cost_input(input_size_or_example)
         for argument, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise BBDecoderValueError(f"{argument} must be an int >= {least}, got {argument}={value!r}")
+        return self._measure_costs(inputs, repeats=repeats, warmup=warmup)
+
+    def _measure_costs(
+        self, inputs: tuple[tuple[Any, ...], dict[str, Any]], *, repeats: int = 7, warmup: int = 1
+    ) -> list[dict[str, Any]]:
+        """:meth:`layer_costs` on the model's ``(args, kwargs)``."""
         layers = list(self.layers)
-        forward, backward, totals = self._count_flops(layers, x, rest)
-        samples, activation, total_ms = self._time_layers(layers, x, rest, repeats=repeats, warmup=warmup)
+        forward, backward, totals = self._count_flops(layers, inputs)
+        samples, activation, total_ms = self._time_layers(layers, inputs, repeats=repeats, warmup=warmup)
         rows: list[dict[str, Any]] = []
         extra: list[dict[str, Any]] = []
         for layer in layers:
@@ -109,43 +118,43 @@ class CostMixin(AnalyzerBase):
             low, high = _quartiles(times)
             extra.append({"type": layer.type, "forward_ms_p25": low, "forward_ms_p75": high})
         totals["forward_ms"] = total_ms
-        shape = shape_of(x) if not rest else shape_of([x, *rest])
+        args, kwargs = inputs
+        shape = shape_of(args[0]) if len(args) == 1 and not kwargs else shape_of([*args, *kwargs.values()])
         self._save_costs(rows, extra, totals, repeats=repeats, input_shape=shape)
         return rows
 
     # ------------------------------------------------------------- inputs
-    def _cost_input(self, spec: Any) -> tuple[Any, tuple[Any, ...]]:
-        """Split ``input_size_or_example`` into the first input and the other positional inputs."""
+    def _cost_input(self, spec: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``input_size_or_example`` as the model's ``(args, kwargs)``.
+
+        A shape (or a list of shapes) becomes float zeros; anything holding tensors is taken
+        as the model takes it (see :func:`~BBDecoder.core.tree.as_call`).
+        """
         argument = "input_size_or_example"
-        if isinstance(spec, torch.Tensor):
-            return spec, ()
-        if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, torch.Tensor) for s in spec):
-            return spec[0], tuple(spec[1:])
+        if next(tensors(spec), None) is not None:
+            return as_call(spec)
         if isinstance(spec, (list, tuple, torch.Size)):
             try:
                 size = validate_input_size(list(spec))
             except BBDecoderValueError as error:
                 raise BBDecoderValueError(
-                    f"{argument} must be an input shape such as [1, 3, 32, 32], a list of shapes, an example "
-                    f"tensor or a tuple of tensors; got {spec!r}"
+                    f"{argument} must be an input shape such as [1, 3, 32, 32], a list of shapes, or the model's "
+                    f"input (a tensor, a tuple of positional inputs, a dict of keyword inputs); got {spec!r:.120}"
                 ) from error
-            example = dummy_input(size or [], self.device)
-            if isinstance(example, tuple):
-                return example[0], example[1:]
-            return example, ()
+            return input_spec(size or []).materialize(self.device)
         raise BBDecoderTypeError(
-            f"{argument} must be an input shape (list of ints), a list of shapes, a tensor or a tuple of tensors; "
-            f"got {type(spec).__name__} {spec!r:.80}"
+            f"{argument} must be an input shape (list of ints), a list of shapes, or the model's input (a tensor, "
+            f"a tuple or list of tensors, a dict of tensors); got {type(spec).__name__} {spec!r:.80}"
         )
 
     # -------------------------------------------------------------- FLOPs
     def _count_flops(
-        self, layers: list[Layer], x: Any, rest: tuple[Any, ...]
+        self, layers: list[Layer], inputs: tuple[tuple[Any, ...], dict[str, Any]]
     ) -> tuple[dict[int, int], dict[int, int], dict[str, Any]]:
         """Forward and backward FLOPs per layer, and the model's totals."""
         trainable = [p for p in self.inner.parameters() if p.requires_grad]
         with FlopCounterMode(display=False) as counter:
-            output, _ = self._capture(x, [], "layer_costs", grad=True, keep_graph=True, args=rest)
+            output, _ = self._capture(inputs, [], "layer_costs", grad=True, keep_graph=True)
             after_forward = counter.get_flop_counts()
             loss = _output_sum(output)
             if loss is not None and trainable:
@@ -173,7 +182,7 @@ class CostMixin(AnalyzerBase):
 
     # --------------------------------------------------------------- time
     def _time_layers(
-        self, layers: list[Layer], x: Any, rest: tuple[Any, ...], *, repeats: int, warmup: int
+        self, layers: list[Layer], inputs: tuple[tuple[Any, ...], dict[str, Any]], *, repeats: int, warmup: int
     ) -> tuple[dict[int, list[float]], dict[int, int], float]:
         """Per-layer forward times (ms, one per repeat), output bytes, and the whole pass's median ms."""
         device = self.device
@@ -183,45 +192,35 @@ class CostMixin(AnalyzerBase):
         activation: dict[int, int] = defaultdict(int)
         state = {"first": True}
 
-        def enter(layer: Layer) -> Any:
-            def hook(_module: nn.Module, _inputs: Any) -> None:
-                synchronize()
-                starts[layer.id].append(time.perf_counter())
+        def enter(layer: Layer) -> None:
+            synchronize()
+            starts[layer.id].append(time.perf_counter())
 
-            return hook
-
-        def leave(layer: Layer) -> Any:
-            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                synchronize()
-                if starts[layer.id]:
-                    elapsed[layer.id] += time.perf_counter() - starts[layer.id].pop()
-                if state["first"]:
-                    activation[layer.id] += sum(t.numel() * t.element_size() for t in _tensors(output))
-
-            return hook
+        def leave(layer: Layer, output: Any) -> None:
+            synchronize()
+            if starts[layer.id]:
+                elapsed[layer.id] += time.perf_counter() - starts[layer.id].pop()
+            if state["first"]:
+                activation[layer.id] += sum(t.numel() * t.element_size() for t in tensors(output))
 
         samples: dict[int, list[float]] = {layer.id: [] for layer in layers}
         whole: list[float] = []
-        x = to_device(x, device)
-        rest = to_device(rest, device)
-        with self.hooks.session() as hooks, eval_mode(self.inner), torch.no_grad():
-            for layer in layers:
-                hooks.forward_pre(layer.module, enter(layer))
-                hooks.forward(layer.module, leave(layer))
-            for run in range(warmup + repeats):
+        args, kwargs = to_device(inputs, device)  # once, outside the timed passes
+        with (
+            hooked_forward(
+                self.inner, layers, self.hooks, "layer_costs", device=device, before=enter, after=leave
+            ) as run,
+            torch.no_grad(),
+        ):
+            for repeat in range(warmup + repeats):
                 starts.clear()
                 elapsed.clear()
-                state["first"] = run == 0
+                state["first"] = repeat == 0
                 synchronize()
                 began = time.perf_counter()
-                try:
-                    self.inner(x, *rest)
-                except Exception as error:
-                    raise ModelForwardError(
-                        f"layer_costs: the model's forward pass raised {type(error).__name__}: {error}"
-                    ) from error
+                run(args, kwargs)
                 synchronize()
-                if run >= warmup:
+                if repeat >= warmup:
                     whole.append(1000.0 * (time.perf_counter() - began))
                     for layer in layers:
                         samples[layer.id].append(1000.0 * elapsed.get(layer.id, 0.0))
@@ -303,21 +302,9 @@ def _tracker_names(counter: FlopCounterMode, root: nn.Module) -> dict[nn.Module,
     return names
 
 
-def _tensors(output: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a (nested) output."""
-    if isinstance(output, torch.Tensor):
-        yield output
-    elif isinstance(output, Mapping):
-        for value in output.values():
-            yield from _tensors(value)
-    elif isinstance(output, (list, tuple)):
-        for value in output:
-            yield from _tensors(value)
-
-
 def _output_sum(output: Any) -> torch.Tensor | None:
     """The sum of every floating output that carries a graph (the backward pass's seed)."""
-    parts = [t.sum() for t in _tensors(output) if t.is_floating_point() and t.requires_grad]
+    parts = [t.sum() for t in tensors(output) if t.is_floating_point() and t.requires_grad]
     if not parts:
         return None
     return torch.stack(parts).sum() if len(parts) > 1 else parts[0]

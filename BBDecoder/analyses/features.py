@@ -19,6 +19,7 @@ import torch
 
 from ..core.layers import Layer
 from ..core.model import first_tensor
+from ..core.tree import as_call
 from ..errors import (
     BBDecoderTypeError,
     BBDecoderValueError,
@@ -72,8 +73,8 @@ class FeatureMixin(AnalyzerBase):
         A layer whose output is 1-D has no batch axis to drop; it is saved whole.
 
         Args:
-            test_input: the model's input (a tensor, or what the model's forward takes
-                first); moved to the model's device.
+            test_input: the model's input as it takes it (moved to its device): a tensor, a tuple of
+                positional inputs, a dict of keyword inputs, or a list (one positional input).
             layer: the layer's ID or dotted name.
             path: the folder that receives ``{ID}_{name}/``; default
                 ``save_path/features``. BBDecoder writes only under ``save_path``: a
@@ -109,7 +110,7 @@ class FeatureMixin(AnalyzerBase):
         _check_tag(tag)
         folder = self._features_folder(path) / f"{target.id}_{safe_name(target.name)}"
 
-        _, outputs = self._capture(test_input, [target], "get_inter_features")
+        _, outputs = self._capture(as_call(test_input), [target], "get_inter_features")
         if target.id not in outputs:
             raise LayerSelectionError(
                 f"layer {target.id} {target.name!r} did not run during the forward pass of "

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.layers import Layer
 from ..core.model import first_tensor
+from ..core.tree import as_call, batch_size, tensors
 from ..errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning
 from ..output.store import safe_name
 from ._base import AnalyzerBase
@@ -52,7 +53,7 @@ class GradCamMixin(AnalyzerBase):
     def grad_cam(
         self,
         layer: int | str,
-        input_tensor: torch.Tensor,
+        input_tensor: Any,
         target_class: int | Sequence[int] | None = None,
         *,
         reshape_transform: ReshapeTransform | None = None,
@@ -69,9 +70,10 @@ class GradCamMixin(AnalyzerBase):
             layer: the layer's ID or dotted name; its output must be ``(N, C, H, W)``, or
                 become so through ``reshape_transform``. If the layer runs several times
                 in one forward pass, its first call is used (with a warning).
-            input_tensor: one batch ``(N, ...)`` for the model. For ``(N, C, H, W)``
-                images the maps are upsampled (bilinear) to ``(H, W)``; for other inputs
-                they keep the layer's spatial size.
+            input_tensor: one batch for the model, as it takes it: a tensor ``(N, ...)``, a
+                tuple of positional inputs or a dict of keyword inputs (batch first). For
+                a ``(N, C, H, W)`` image tensor the maps are upsampled (bilinear) to
+                ``(H, W)``; for other inputs they keep the layer's spatial size.
             target_class: ``None`` for each sample's top class; an int for the same class
                 in every sample; a list of ints, one per sample. The score is the class's
                 logit for ``(N, C)`` outputs, and its mean over all positions for
@@ -95,28 +97,35 @@ class GradCamMixin(AnalyzerBase):
             ModelForwardError: the model raised.
         """
         chosen = self._layer(layer, "layer")
-        if not isinstance(input_tensor, torch.Tensor):
+        inputs = as_call(input_tensor)
+        n = batch_size(*inputs)
+        if n is None and next(tensors(inputs), None) is None:
             raise BBDecoderTypeError(
-                f"input_tensor must be a torch.Tensor batch (N, ...), got {type(input_tensor).__name__}"
+                "input_tensor must be a torch.Tensor batch (N, ...), or the model's inputs holding tensors; "
+                f"got {type(input_tensor).__name__}"
             )
-        if input_tensor.ndim < 1 or input_tensor.shape[0] < 1:
+        if n is None or n < 1:
             raise BBDecoderValueError(
-                f"input_tensor must hold a batch of at least one sample, got shape {tuple(input_tensor.shape)}"
+                "input_tensor must hold a batch of at least one sample (a tensor (N, ...), or the model's inputs "
+                f"with a batch dimension first); got {type(input_tensor).__name__} {input_tensor!r:.80}"
             )
         if reshape_transform is not None and not callable(reshape_transform):
             raise BBDecoderTypeError(
                 f"reshape_transform must be callable (N, T, D) -> (N, C, H, W), got {type(reshape_transform).__name__}"
             )
-        target = _check_target(target_class, input_tensor.shape[0])
-        result = self._grad_cam_maps(chosen, input_tensor, target, reshape_transform)
-        self._save_grad_cam(chosen, input_tensor, result, chosen_by_user=target_class is not None)
+        target = _check_target(target_class, n)
+        image = input_tensor if isinstance(input_tensor, torch.Tensor) else None
+        result = self._grad_cam_maps(chosen, inputs, n, image, target, reshape_transform)
+        self._save_grad_cam(chosen, image, result, chosen_by_user=target_class is not None)
         return result.maps
 
     # ------------------------------------------------------------ compute
     def _grad_cam_maps(
         self,
         layer: Layer,
-        x: torch.Tensor,
+        inputs: tuple[tuple[Any, ...], dict[str, Any]],
+        n: int,
+        x: torch.Tensor | None,
         target: list[int] | int | None,
         reshape_transform: ReshapeTransform | None,
     ) -> GradCamResult:
@@ -140,10 +149,10 @@ class GradCamMixin(AnalyzerBase):
             # then changes the copy, and `source` keeps this layer's values and graph node.
             return source.clone()
 
-        n = x.shape[0]
-        with self.hooks.session() as hooks:
-            hooks.forward(layer.module, keep)
-            output, _ = self._capture(x, [], "grad_cam", grad=True, keep_graph=True)
+        def after(seen: Layer, output: Any) -> Any:
+            return keep(seen.module, (), output) if seen is layer else None
+
+        output, _ = self._capture(inputs, [], "grad_cam", grad=True, keep_graph=True, after=after)
         where = f"layer={layer.id} ({layer.name!r})"
         if "activation" not in slot:
             raise BBDecoderValueError(f"{where} did not run during the model's forward pass")
@@ -183,14 +192,16 @@ class GradCamMixin(AnalyzerBase):
             )
         weights = gradient.float().mean(dim=(2, 3), keepdim=True)
         cams = torch.relu((weights * values.float()).sum(dim=1, keepdim=True))
-        size = tuple(x.shape[-2:]) if x.ndim == 4 else tuple(cams.shape[-2:])
+        size = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else tuple(cams.shape[-2:])
         if tuple(cams.shape[-2:]) != size:
             cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
         maps = _min_max(cams[:, 0]).cpu().numpy().astype(np.float32)
         return GradCamResult(maps=maps, targets=targets, scores=scores.detach().cpu().tolist(), kind=kind)
 
     # --------------------------------------------------------------- save
-    def _save_grad_cam(self, layer: Layer, x: torch.Tensor, result: GradCamResult, *, chosen_by_user: bool) -> None:
+    def _save_grad_cam(
+        self, layer: Layer, x: torch.Tensor | None, result: GradCamResult, *, chosen_by_user: bool
+    ) -> None:
         from ..plots.gradcam import display_image, gradcam_figure
 
         call = self.store.next_number(SECTION)
@@ -204,11 +215,11 @@ class GradCamMixin(AnalyzerBase):
         )
         if not self.is_main_process:
             return
-        samples = x.detach().cpu()
+        samples = x.detach().cpu() if x is not None else None
         how = "chosen class" if chosen_by_user else "top class"
         score_name = "mean score" if result.kind == "segmentation" else "score"
         for i, (target, score) in enumerate(zip(result.targets, result.scores, strict=True)):
-            image = display_image(samples[i].float().numpy()) if x.ndim == 4 else None
+            image = display_image(samples[i].float().numpy()) if samples is not None and samples.ndim == 4 else None
             title = (
                 f"Grad-CAM of layer {layer.id} {layer.name!r} · sample {i} · class {target} ({how}, "
                 f"{score_name} {score:.3g})"

@@ -24,6 +24,7 @@ import torch
 from ..core import distributed
 from ..core.layers import Layer, Selector
 from ..core.model import accumulator_dtype, first_tensor
+from ..core.tree import as_call
 from ..errors import BBDecoderTypeError, BBDecoderValueError
 from ..output.store import now_iso
 from ..summary import printable
@@ -262,7 +263,8 @@ class SimilarityMixin(AnalyzerBase):
         rank's samples (one all-reduce).
 
         Args:
-            x: the model's input (moved to the model's device).
+            x: the model's input as it takes it (moved to its device): a tensor, a tuple of
+                positional inputs, a dict of keyword inputs, or a list (one positional input).
             layer_inds: layer IDs or names (one or a list).
             dim: the dimension of the layer output to compare along; negative counts from
                 the end; not 0, the batch.
@@ -284,7 +286,7 @@ class SimilarityMixin(AnalyzerBase):
         method = _check_method(sim_method)
         _check_dim(dim)
         layers = self._select(layer_inds, "layer_inds")
-        _, captured = self._capture(x, layers, "get_sim")
+        _, captured = self._capture(as_call(x), layers, "get_sim")
         sums, counts, shapes = [], [], []
         for layer in layers:
             features = self._sim_features(layer, captured, output_key)

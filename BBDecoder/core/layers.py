@@ -14,6 +14,8 @@ from .distributed import user_class
 
 Selector = Union[int, str, Sequence[int | str], None]
 ROOT_NAME = "(model)"
+ROOT_OWN_ID = -1
+"""ID of the pseudo-layer holding the parameters the root module owns itself (not in any child)."""
 
 
 @dataclass
@@ -75,6 +77,9 @@ class LayerTable(Sequence[Layer]):
             layers.append(Layer(0, ROOT_NAME, model, 0))
         self._layers = layers
         self._by_name = {layer.name: layer for layer in layers}
+        owns = layers[0].module is not model and any(True for _ in model.parameters(recurse=False))
+        #: the root's own parameters (a ViT's ``cls_token``, ``pos_embed``) as a pseudo-layer, or None
+        self.root_own: Layer | None = Layer(ROOT_OWN_ID, ROOT_NAME, model, 0) if owns else None
 
     def __len__(self) -> int:
         return len(self._layers)

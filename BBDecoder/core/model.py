@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import BBDecoderTypeError, BBDecoderValueError
 from .distributed import reshard_fsdp
+from .tree import CallSpec, TensorSpec, tensors
 
 
 @contextlib.contextmanager
@@ -45,17 +46,6 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def to_device(data: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) tuple/list/dict to ``device``."""
-    if isinstance(data, torch.Tensor):
-        return data.to(device)
-    if isinstance(data, Mapping):
-        return type(data)({k: to_device(v, device) for k, v in data.items()})  # type: ignore[call-arg]
-    if isinstance(data, (list, tuple)):
-        return type(data)(to_device(v, device) for v in data)
-    return data
-
-
 def first_tensor(output: Any, key: Any = None, *, argument: str = "output_key") -> torch.Tensor:
     """The tensor an analysis looks at: ``output[key]`` if given, else the first tensor found."""
     if key is not None:
@@ -66,24 +56,17 @@ def first_tensor(output: Any, key: Any = None, *, argument: str = "output_key") 
         if not isinstance(output, torch.Tensor):
             raise BBDecoderTypeError(f"{argument}={key!r} selects a {type(output).__name__}, not a tensor")
         return output
-    if isinstance(output, torch.Tensor):
-        return output
-    values: Sequence[Any] = (
-        list(output.values()) if isinstance(output, Mapping) else (output if isinstance(output, (list, tuple)) else [])
-    )
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
-        with contextlib.suppress(BBDecoderTypeError):
-            return first_tensor(value)
-    raise BBDecoderTypeError(f"the layer's output holds no tensor (got {type(output).__name__})")
+    found = next(tensors(output), None)
+    if found is None:
+        raise BBDecoderTypeError(f"the layer's output holds no tensor (got {type(output).__name__})")
+    return found
 
 
-def dummy_input(input_size: Sequence[Any], device: torch.device) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Zeros of ``input_size`` (a shape, or a list of shapes for several inputs)."""
-    if input_size and all(isinstance(s, (list, tuple, torch.Size)) for s in input_size):
-        return tuple(torch.zeros(*map(int, s), device=device) for s in input_size)
-    return torch.zeros(*map(int, input_size), device=device)
+def input_spec(input_size: Sequence[Any], dtype: torch.dtype = torch.float32) -> CallSpec:
+    """The call of ``input_size`` (a shape, or a list of shapes for several positional inputs)."""
+    several = bool(input_size) and all(isinstance(s, (list, tuple, torch.Size)) for s in input_size)
+    shapes = input_size if several else [input_size]
+    return CallSpec(tuple(TensorSpec(tuple(map(int, s)), dtype) for s in shapes), {})
 
 
 def validate_input_size(input_size: Any) -> list[Any] | None:
@@ -105,14 +88,3 @@ def validate_input_size(input_size: Any) -> list[Any] | None:
     raise BBDecoderValueError(
         f"input_size must be a shape such as [1, 3, 32, 32] (positive ints) or a list of shapes; got {input_size!r}"
     )
-
-
-def shape_of(output: Any) -> list[Any]:
-    """Shapes in an output: ``[1, 64, 8, 8]`` for a tensor, a list or dict of them otherwise."""
-    if isinstance(output, torch.Tensor):
-        return list(output.shape)
-    if isinstance(output, Mapping):
-        return {str(k): shape_of(v) for k, v in output.items()}  # type: ignore[return-value]
-    if isinstance(output, (list, tuple)):
-        return [shape_of(v) for v in output]
-    return []

@@ -380,25 +380,75 @@ class GradientMixin(AnalyzerBase):
         every = _check_every(collect_every)
         bias = self.include_bias if include_bias is None else _check_flag(include_bias, "include_bias")
         _check_scaler(scaler)
-        state = self._grads
-        plan = self._gradient_plan(layer_inds, bias) if collect else None
+        plan = self._gradient_plan(layer_inds, bias) if collect else None  # checked before the backward pass
         if scaler is not None:
             scaler.scale(loss).backward(**backward_kwargs)
         else:
             loss.backward(**backward_kwargs)
+        if collect:
+            self._collect(layer_inds, bias, scaler, every, plan)
+        else:
+            self._grads.calls += 1
+
+    def collect_grads(
+        self,
+        layer_inds: Selector = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        collect_every: int = 1,
+        include_bias: bool | None = None,
+    ) -> None:
+        """Record the statistics of the current ``.grad`` values, whoever ran backward.
+
+        For training loops that do not call :meth:`backward_propagation`: after
+        ``accelerator.backward(loss)``, inside a Lightning or Hugging Face callback, in an
+        optimizer closure. It records exactly what ``backward_propagation(loss,
+        collect_grads=True, ...)`` records after its backward pass: the same buffer, the same
+        iteration counter (one per call), and nothing that waits for the device.
+
+        Args:
+            layer_inds: layer IDs, dotted names, or a list of them; ``None``: all layers,
+                and the parameters the root module owns itself (a ViT's ``cls_token``).
+            scaler: the ``torch.amp.GradScaler`` whose scaled gradients ``.grad`` holds
+                (before ``scaler.unscale_``); the statistics are unscaled by its scale.
+                Leave it ``None`` once the gradients are unscaled.
+            collect_every: record only every k-th call (calls ``0, k, 2k…``).
+            include_bias: also record biases (default: the constructor's choice).
+
+        Raises:
+            BBDecoderTypeError: a flag is not a bool, or ``scaler`` is not a ``GradScaler``.
+            BBDecoderValueError: ``collect_every`` is below 1.
+            LayerSelectionError: ``layer_inds`` selects no parameter tensor.
+        """
+        every = _check_every(collect_every)
+        bias = self.include_bias if include_bias is None else _check_flag(include_bias, "include_bias")
+        _check_scaler(scaler)
+        self._collect(layer_inds, bias, scaler, every, None)
+
+    def _collect(
+        self,
+        layer_inds: Selector,
+        bias: bool,
+        scaler: torch.amp.GradScaler | None,
+        every: int,
+        plan: _Plan | None,
+    ) -> None:
+        """Count one iteration and, on every ``every``-th, append the ``.grad`` statistics."""
+        state = self._grads
         iteration = state.calls
         state.calls += 1
-        if plan is not None and plan.refresh:  # FSDP2: the sharded parameters are back in place now
+        if plan is None or plan.refresh:  # FSDP2: the sharded parameters are back in place after backward
             plan = self._gradient_plan(layer_inds, bias, after_backward=True)
-        if plan is not None and iteration % every == 0:
-            if not state.announced and gradstats.needs_compile(plan.params[0].device, plan.elements):
-                state.announced = True
-                self._say(
-                    "BBDecoder: compiling the gradient-statistics kernel with torch.compile (once per process; "
-                    "set BBDECODER_GRAD_BACKEND=eager to skip)"
-                )
-            with torch.no_grad():
-                state.recorder.record(iteration, plan, _scale_of(scaler))
+        if iteration % every:
+            return
+        if not state.announced and gradstats.needs_compile(plan.params[0].device, plan.elements):
+            state.announced = True
+            self._say(
+                "BBDecoder: compiling the gradient-statistics kernel with torch.compile (once per process; "
+                "set BBDECODER_GRAD_BACKEND=eager to skip)"
+            )
+        with torch.no_grad():
+            state.recorder.record(iteration, plan, _scale_of(scaler))
 
     def _gradient_plan(self, layer_inds: Selector, bias: bool, *, after_backward: bool = False) -> _Plan:
         """The parameters to read for ``layer_inds`` (checked, and cached per selection).
@@ -409,15 +459,13 @@ class GradientMixin(AnalyzerBase):
         backward pass, when the sharded parameters, which receive the gradients, are back.
         """
         state = self._grads
-        try:
-            key: Any = (tuple(layer_inds) if isinstance(layer_inds, list) else layer_inds, bias)
-            hash(key)
-        except TypeError:
-            key = None
+        key = _selection_key(layer_inds, bias)
         plan = state.plans.get(key) if key is not None else None
         if plan is not None and not (after_backward and plan.refresh):
             return plan
         layers = self._select(layer_inds, "layer_inds", default_all=True)
+        if layer_inds is None and self.layers.root_own is not None:
+            layers.append(self.layers.root_own)  # parameters the root module owns itself (a ViT's cls_token)
         entries = _owned_parameters(layers, bias)
         if not entries:
             names = ", ".join(f"{layer.id} {layer.name!r} ({layer.type})" for layer in layers[:6])
@@ -734,6 +782,22 @@ class GradientMixin(AnalyzerBase):
 
 
 # ------------------------------------------------------------------------- helpers
+def _selection_key(layer_inds: Selector, bias: bool) -> Any:
+    """A cache key that tells ``5`` from ``5.0``, ``True`` and ``[5]`` apart (``None``: do not cache)."""
+    items = layer_inds if isinstance(layer_inds, (list, tuple)) else (layer_inds,)
+    key = (type(layer_inds).__name__, tuple((type(item).__name__, item) for item in items), bias)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _is_lazy(param: torch.Tensor) -> bool:
+    """An ``nn.LazyLinear``-style parameter not yet materialised by a first forward pass."""
+    return isinstance(param, nn.parameter.UninitializedParameter)
+
+
 def _is_bias(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf == "bias" or leaf.endswith("_bias") or leaf.startswith("bias_")
@@ -744,7 +808,7 @@ def _owned_parameters(layers: Sequence[Layer], bias: bool) -> list[tuple[Layer, 
     owner: dict[int, tuple[int, int, Layer, str, nn.Parameter]] = {}
     for layer in sorted(layers, key=lambda item: -item.depth):
         for order, (name, param) in enumerate(layer.module.named_parameters()):
-            if id(param) in owner or param.numel() == 0 or (not bias and _is_bias(name)):
+            if id(param) in owner or _is_lazy(param) or param.numel() == 0 or (not bias and _is_bias(name)):
                 continue
             owner[id(param)] = (layer.id, order, layer, name, param)
     return [(layer, name, param) for _, _, layer, name, param in sorted(owner.values(), key=lambda e: e[:2])]
