@@ -21,7 +21,7 @@ from .analyses.similarity import SimilarityMixin
 from .analyses.weights import WeightMixin
 from .core import distributed
 from .core.hooks import HookRegistry
-from .core.layers import LayerTable, unwrap_model
+from .core.layers import LayerTable, count_parameters, unwrap_model
 from .core.model import input_spec, validate_input_size
 from .core.tree import CallSpec, as_call, shape_of, tensors
 from .errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning, ModelForwardError
@@ -107,6 +107,7 @@ class Master_analyzer(
         self._init_similarity()
         self._init_report(tensorboard_dir=tensorboard_dir)
         self._write_run_record()
+        self._lazy_pending = self._totals()["params"] is None
         if self._call_spec is not None:
             self._fill_output_shapes("Master_analyzer")
         if self.verbose:
@@ -141,7 +142,11 @@ class Master_analyzer(
         """
         if self._call_spec is None:
             self._call_spec = CallSpec.of(args, kwargs)
-        return self.model(*args, **kwargs)
+        output = self.model(*args, **kwargs)
+        if self._lazy_pending and self._totals()["params"] is not None:  # lazy modules just got their sizes
+            self._lazy_pending = False
+            self._write_run_record()
+        return output
 
     __call__ = forward_propagation
 
@@ -183,11 +188,11 @@ class Master_analyzer(
     def _title(self) -> str:
         return f"Master_analyzer: {type(self.inner).__name__}, depth={self.layers.depth}, {len(self.layers)} layers"
 
-    def _totals(self) -> dict[str, int]:
-        params = list(self.inner.parameters())
+    def _totals(self) -> dict[str, int | None]:
+        """Parameter totals; ``None`` while lazy modules have not run yet (their size is unknown)."""
         return {
-            "params": sum(p.numel() for p in params),
-            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "params": count_parameters(self.inner.parameters()),
+            "trainable": count_parameters(self.inner.parameters(), trainable_only=True),
         }
 
     def _example(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:

@@ -40,7 +40,7 @@ def format_table(
     rows: Sequence[dict[str, Any]],
     *,
     title: str,
-    totals: dict[str, int],
+    totals: dict[str, int | None],
     columns: Sequence[str] = ("id", "name", "type", "output_shape", "params", "trainable_params"),
 ) -> str:
     """The summary as aligned text: a title, one line per layer, and the model's totals."""
@@ -58,11 +58,14 @@ def format_table(
     rule = "=" * len(render(["-" * w for w in widths]))
     lines = [title, rule, render(table[0]), "-" * len(rule)]
     lines += [render(line) for line in table[1:]]
-    lines += [
-        rule,
-        f"Total params: {totals['params']:,}",
-        f"Trainable params: {totals['trainable']:,}",
-        f"Non-trainable params: {totals['params'] - totals['trainable']:,}",
-        rule,
-    ]
+    params, trainable = totals["params"], totals["trainable"]
+    if params is None or trainable is None:  # lazy modules (nn.LazyLinear) have no size before their first call
+        counts = ["Total params: unknown until the first forward pass (lazy modules)"]
+    else:
+        counts = [
+            f"Total params: {params:,}",
+            f"Trainable params: {trainable:,}",
+            f"Non-trainable params: {params - trainable:,}",
+        ]
+    lines += [rule, *counts, rule]
     return "\n".join(lines)

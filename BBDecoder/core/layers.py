@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import torch
 from torch import nn
 
 from ..errors import BBDecoderTypeError, LayerSelectionError
@@ -37,8 +38,27 @@ class Layer:
         """``"3 layer1.0"``: how a layer is shown to people."""
         return f"{self.id} {self.name}"
 
-    def parameter_count(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only)
+    def parameter_count(self, trainable_only: bool = False) -> int | None:
+        """Parameters of the layer (its children's included); ``None`` while a lazy one is uninitialised."""
+        return count_parameters(self.module.parameters(), trainable_only=trainable_only)
+
+
+def is_lazy(param: torch.Tensor) -> bool:
+    """An ``nn.LazyLinear``-style parameter not yet materialised by a first forward pass."""
+    return isinstance(param, nn.parameter.UninitializedParameter)
+
+
+def count_parameters(params: Iterable[torch.Tensor], *, trainable_only: bool = False) -> int | None:
+    """Elements of ``params`` (each tensor once); ``None`` when one of them is still lazy (size unknown)."""
+    total, seen = 0, set()
+    for param in params:
+        if id(param) in seen or (trainable_only and not param.requires_grad):
+            continue
+        seen.add(id(param))
+        if is_lazy(param):
+            return None
+        total += param.numel()
+    return total
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

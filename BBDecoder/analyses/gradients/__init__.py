@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ...core import distributed
-from ...core.layers import ROOT_NAME, Layer, Selector
+from ...core.layers import ROOT_NAME, Layer, Selector, is_lazy
 from ...errors import (
     BBDecoderTypeError,
     BBDecoderValueError,
@@ -793,11 +793,6 @@ def _selection_key(layer_inds: Selector, bias: bool) -> Any:
     return key
 
 
-def _is_lazy(param: torch.Tensor) -> bool:
-    """An ``nn.LazyLinear``-style parameter not yet materialised by a first forward pass."""
-    return isinstance(param, nn.parameter.UninitializedParameter)
-
-
 def _is_bias(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf == "bias" or leaf.endswith("_bias") or leaf.startswith("bias_")
@@ -808,7 +803,7 @@ def _owned_parameters(layers: Sequence[Layer], bias: bool) -> list[tuple[Layer, 
     owner: dict[int, tuple[int, int, Layer, str, nn.Parameter]] = {}
     for layer in sorted(layers, key=lambda item: -item.depth):
         for order, (name, param) in enumerate(layer.module.named_parameters()):
-            if id(param) in owner or _is_lazy(param) or param.numel() == 0 or (not bias and _is_bias(name)):
+            if id(param) in owner or is_lazy(param) or param.numel() == 0 or (not bias and _is_bias(name)):
                 continue
             owner[id(param)] = (layer.id, order, layer, name, param)
     return [(layer, name, param) for _, _, layer, name, param in sorted(owner.values(), key=lambda e: e[:2])]
