@@ -1,0 +1,394 @@
+"""The record schema: typed, versioned records for everything BBDecoder writes and reads back.
+
+Every writer builds these records and every reader (the report, the exporters, a new
+process continuing a run) parses them with ``from_json``: nothing reads a file by guessing
+its keys. Conventions:
+
+- a non-finite float is written as JSON ``null`` and read back as ``nan`` (strict JSON
+  readers reject ``NaN``);
+- unknown keys are kept (manifest entries) or ignored (other records), missing optional
+  keys take their defaults, so folders written by release 0.1.0 (schema 1, no ``schema``
+  key) still read;
+- :data:`SCHEMA_VERSION` is written into every JSON document (``"schema": 2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, ClassVar, TypeVar, Union
+
+from ..errors import BBDecoderValueError
+
+SCHEMA_VERSION = 2
+"""Version of the record schema; 1 is release 0.1.0's (no ``schema`` key)."""
+
+R = TypeVar("R", bound="Record")
+
+
+class SchemaError(BBDecoderValueError):
+    """A document does not hold the record it should (wrong type of a field, not an object)."""
+
+
+class Record:
+    """Base of every record: ``to_json`` gives plain JSON data, ``from_json`` parses it back."""
+
+    versioned: ClassVar[bool] = False  # whether the JSON document carries "schema"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-ready data; non-finite floats become ``None``."""
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {"schema": SCHEMA_VERSION, **data} if self.versioned else data
+
+    @classmethod
+    def from_json(cls: type[R], data: Any) -> R:
+        """Parse ``data`` (a JSON object) into the record; unknown keys are ignored.
+
+        Raises:
+            SchemaError: ``data`` is not an object, or a field has the wrong type.
+        """
+        if not isinstance(data, Mapping):
+            raise SchemaError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        hints = _hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in data:
+                values[f.name] = _parse(hints[f.name], data[f.name], f"{cls.__name__}.{f.name}")
+        try:
+            return cls(**values)
+        except TypeError as error:  # a required field is missing
+            raise SchemaError(f"{cls.__name__}: {error}") from error
+
+
+# ------------------------------------------------------------------------- manifest
+_ENTRY_FIELDS = ("section", "kind", "path", "time", "layer_id", "layer_name", "epoch", "call", "frame")
+_SUFFIX_KINDS = {".gv": "gv", ".png": "png", ".svg": "svg"}
+
+
+@dataclass
+class ManifestEntry(Record):
+    """One output file, as listed in ``manifest.json``.
+
+    Attributes:
+        section: the layout section (:data:`BBDecoder.output.layout.SECTIONS`).
+        kind: the file's kind within it (a key of the section's ``files``).
+        path: the file relative to ``save_path`` with forward slashes (``../saves/x.png``
+            for a folder the user named outside ``save_path``, absolute where no
+            relative path exists).
+        time: when it was written (ISO 8601, UTC).
+        layer_id, layer_name: the layer, for per-layer outputs.
+        epoch, call, frame: the number the file carries.
+        extra: any other metadata of the entry (kept as it is).
+    """
+
+    section: str
+    path: str
+    kind: str = ""
+    time: str = ""
+    layer_id: int | None = None
+    layer_name: str | None = None
+    epoch: int | None = None
+    call: int | None = None
+    frame: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat form stored in the manifest: known fields, then the extra ones."""
+        data = {name: getattr(self, name) for name in _ENTRY_FIELDS if getattr(self, name) not in (None, "")}
+        return {**data, **{k: _plain(v) for k, v in self.extra.items() if k not in data}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ManifestEntry:
+        """Parse a flat manifest entry (release 0.1.0's too: its architecture files had no kind)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("section"), str) or "path" not in data:
+            raise SchemaError(f"ManifestEntry: expected an object with 'section' and 'path', got {data!r:.80}")
+        known = {name: data[name] for name in _ENTRY_FIELDS if name in data}
+        for name in ("layer_id", "epoch", "call", "frame"):
+            if not _is_int(known.get(name)):
+                known.pop(name, None)
+        kind = known.get("kind")
+        if not isinstance(kind, str) or not kind:
+            known["kind"] = _SUFFIX_KINDS.get(PurePosixPath(str(data["path"])).suffix, "")
+        if known.get("layer_name") is not None:
+            known["layer_name"] = str(known["layer_name"])
+        extra = {k: v for k, v in data.items() if k not in _ENTRY_FIELDS}
+        return cls(**{**known, "path": str(data["path"]), "time": str(data.get("time", ""))}, extra=extra)
+
+    @property
+    def suffix(self) -> str:
+        """The file's suffix, lower case (``".png"``)."""
+        return PurePosixPath(self.path).suffix.lower()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field or an extra value by name."""
+        if key in _ENTRY_FIELDS:
+            value = getattr(self, key)
+            return default if value is None else value
+        return self.extra.get(key, default)
+
+
+# ------------------------------------------------------------------------ run.json
+@dataclass
+class LayerRecord(Record):
+    """One numbered layer (``params`` is ``None`` while a lazy module is uninitialised)."""
+
+    id: int
+    name: str
+    type: str
+    params: int | None = None
+    trainable_params: int | None = None
+
+
+@dataclass
+class Session(Record):
+    """One process that wrote into the folder."""
+
+    started: str
+    pid: int = 0
+
+
+@dataclass
+class RunRecord(Record):
+    """``run.json``: what was analysed, by which versions, in which sessions."""
+
+    versioned: ClassVar[bool] = True
+    library: str = "BBDecoder"
+    version: str = ""
+    torch: str = ""
+    python: str = ""
+    created: str = ""
+    updated: str = ""
+    sessions: list[Session] = field(default_factory=list)
+    model: str = ""
+    depth: int = 1
+    input_size: list[Any] | None = None
+    input: dict[str, Any] | None = None
+    world_size: int = 1
+    totals: dict[str, int | None] = field(default_factory=dict)
+    layers: list[LayerRecord] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- gradients
+ALERT_KINDS = ("nonfinite", "vanishing", "exploding", "dead", "saturated", "update_small", "update_large")
+
+
+@dataclass
+class Alert(Record):
+    """One training-health alert.
+
+    Attributes:
+        epoch: the saved epoch it belongs to.
+        kind: one of :data:`ALERT_KINDS`.
+        layer_id, layer_name, param: where (``param`` empty for a whole layer).
+        iteration: the first iteration (or optimizer step) it concerns.
+        value: the number behind it (mean |g|, a count, a fraction, a ratio).
+        message: the sentence shown to people.
+    """
+
+    epoch: int
+    kind: str
+    layer_id: int
+    layer_name: str
+    param: str
+    iteration: int
+    value: float
+    message: str
+
+
+@dataclass
+class TensorSummary(Record):
+    """One parameter tensor over one epoch: the numbers behind a bar of the flow chart."""
+
+    label: str
+    layer_id: int
+    layer_name: str
+    param: str
+    numel: int
+    mean_abs: float
+    max_abs: float
+    status: str
+    nonfinite_iterations: int = 0
+    missing_iterations: int = 0
+    tied_to: str = ""
+    note: str = ""
+
+
+@dataclass
+class GradientEpochReport(Record):
+    """``epoch_NNN_alerts.json``: an epoch's alerts, skipped steps and per-tensor summary."""
+
+    versioned: ClassVar[bool] = True
+    epoch: int
+    iterations: list[int] = field(default_factory=list)
+    recorded_iterations: int = 0
+    tensors: int = 0
+    vanish_threshold: float = math.nan
+    explode_threshold: float = math.nan
+    alerts: list[Alert] = field(default_factory=list)
+    skipped_iterations: list[int] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    summary: list[TensorSummary] = field(default_factory=list)
+
+
+@dataclass
+class GradientRow(Record):
+    """One row of ``epoch_NNN_grads.csv`` (numbers ``nan`` for a missing gradient)."""
+
+    epoch: int
+    iteration: int
+    layer_id: int
+    layer_name: str
+    param: str
+    mean_abs: float
+    max_abs: float
+    l1: float
+    l2: float
+    nonfinite: float
+
+
+GRADIENT_CSV_HEADER = tuple(f.name for f in dataclasses.fields(GradientRow))
+
+
+# -------------------------------------------------------------- similarity, costs
+@dataclass
+class SimilarityRow(Record):
+    """One row of ``similarity.csv``: one layer at one ``get_sim`` call."""
+
+    call: int
+    time: str
+    method: str
+    dim: int
+    layer_id: int
+    layer_name: str
+    value: float
+    samples: int
+    slices: int
+    slice_size: int
+
+
+SIMILARITY_CSV_HEADER = tuple(f.name for f in dataclasses.fields(SimilarityRow))
+
+
+@dataclass
+class CostRow(Record):
+    """One row of a ``layer_costs`` table."""
+
+    id: int
+    name: str
+    type: str
+    params: int | None
+    forward_flops: int
+    backward_flops: int
+    forward_ms: float
+    forward_ms_p25: float
+    forward_ms_p75: float
+    activation_bytes: int
+
+
+COST_CSV_HEADER = tuple(f.name for f in dataclasses.fields(CostRow))
+
+
+def row_from_csv(record: type[R], row: Mapping[str, str]) -> R:
+    """A record from one ``csv.DictReader`` row: each text cell converted to its field's type.
+
+    Raises:
+        SchemaError: a cell does not hold its field's type.
+    """
+    hints = _hints(record)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(record):  # type: ignore[arg-type]
+        if f.name in row:
+            values[f.name] = _from_text(hints[f.name], row[f.name], f"{record.__name__}.{f.name}")
+    try:
+        return record(**values)
+    except TypeError as error:
+        raise SchemaError(f"{record.__name__}: {error}") from error
+
+
+def csv_cells(record: Record) -> list[Any]:
+    """A record as CSV cells: floats with nine significant digits (round-trips float32), ``nan``."""
+    cells = []
+    for f in dataclasses.fields(record):  # type: ignore[arg-type]
+        value = getattr(record, f.name)
+        if isinstance(value, float):
+            cells.append(f"{value:.9g}" if math.isfinite(value) else ("nan" if math.isnan(value) else repr(value)))
+        else:
+            cells.append("" if value is None else value)
+    return cells
+
+
+# ------------------------------------------------------------------------- helpers
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_json()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # a NumPy scalar
+        return _plain(value.item())
+    return value
+
+
+def _parse(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(inner[0], value, where) if len(inner) == 1 else value
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return hint.from_json(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SchemaError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_parse(args[0], v, where) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise SchemaError(f"{where}: expected an object, got {type(value).__name__}")
+        return {k: _parse(args[1], v, where) for k, v in value.items()} if args else dict(value)
+    if hint is float:
+        if value is None:
+            return math.nan
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SchemaError(f"{where}: expected a number, got {value!r:.40}")
+    if hint is int:
+        if _is_int(value):
+            return value
+        raise SchemaError(f"{where}: expected an integer, got {value!r:.40}")
+    if hint is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _from_text(hint: Any, text: str | None, where: str) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        if text in ("", None) and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is int:
+            return int(text)  # type: ignore[arg-type]
+        if hint is float:
+            return float(text) if text not in ("", None) else math.nan  # type: ignore[arg-type]
+    except ValueError as error:
+        raise SchemaError(f"{where}: {text!r} is not a {hint.__name__}") from error
+    return "" if text is None else text
