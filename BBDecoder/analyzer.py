@@ -12,19 +12,22 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .analyses.activations import ActivationMixin
 from .analyses.cost import CostMixin
 from .analyses.features import FeatureMixin
 from .analyses.gradcam import GradCamMixin
 from .analyses.gradients import GradientMixin
-from .analyses.report import ReportMixin
 from .analyses.similarity import SimilarityMixin
+from .analyses.updates import UpdateMixin
 from .analyses.weights import WeightMixin
 from .core import distributed
+from .core.events import Events
 from .core.hooks import HookRegistry
-from .core.layers import LayerTable, count_parameters, unwrap_model
+from .core.layers import LayerTable, Selector, count_parameters, unwrap_model
 from .core.model import input_spec, validate_input_size
 from .core.tree import CallSpec, as_call, shape_of, tensors
 from .errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning, ModelForwardError
+from .export import open_exporters
 from .graph import draw_architecture
 from .output.store import RUN_NAME, Store, now_iso
 from .summary import format_table
@@ -32,12 +35,13 @@ from .summary import format_table
 
 class Master_analyzer(
     GradientMixin,
+    ActivationMixin,
+    UpdateMixin,
     WeightMixin,
     SimilarityMixin,
     FeatureMixin,
     GradCamMixin,
     CostMixin,
-    ReportMixin,
 ):
     """Wrap ``model`` for analysis without changing it.
 
@@ -103,9 +107,12 @@ class Master_analyzer(
             vanish_threshold=vanish_threshold,
             explode_threshold=explode_threshold,
         )
+        self._init_activations()
+        self._init_updates()
         self._init_weights()
         self._init_similarity()
-        self._init_report(tensorboard_dir=tensorboard_dir)
+        self.events = Events()
+        self._exporters = open_exporters(self.events, tensorboard_dir=tensorboard_dir)
         self._write_run_record()
         self._lazy_pending = self._totals()["params"] is None
         if self._call_spec is not None:
@@ -119,7 +126,9 @@ class Master_analyzer(
     def close(self) -> None:
         """Remove every hook BBDecoder still holds and flush open writers (idempotent)."""
         self.hooks.remove_all()
-        self._close_report()
+        self._close_updates()
+        for exporter in self._exporters:
+            exporter.close()
 
     def __enter__(self) -> Master_analyzer:
         return self
@@ -134,15 +143,31 @@ class Master_analyzer(
         )
 
     # -------------------------------------------------------------- running
-    def forward_propagation(self, *args: Any, **kwargs: Any) -> Any:
+    def forward_propagation(
+        self, *args: Any, collect_acts: bool | int = False, layer_inds: Selector = None, **kwargs: Any
+    ) -> Any:
         """Return exactly what ``model(*args, **kwargs)`` returns, for any calling convention.
 
         The first call's input shapes and dtypes (never the data) are remembered, so output
         shapes and the architecture graph work after one training step for any model.
+
+        Args:
+            *args: the model's positional inputs.
+            collect_acts: record activation health on this call (``True``), or on every
+                k-th call (``k``: calls ``0, k, 2k…`` counted over every call), through
+                forward hooks that exist for that call only; the user's train/eval mode is
+                kept. ``save_collected_grads(ep)`` writes the epoch's files.
+            layer_inds: the layers to record (IDs, dotted names or a list); ``None``: all.
+            **kwargs: the model's keyword inputs (``collect_acts`` and ``layer_inds`` are
+                taken here and never reach the model).
+
+        Raises:
+            BBDecoderTypeError, BBDecoderValueError: ``collect_acts`` is not a bool or an int >= 1.
+            LayerSelectionError: a bad ``layer_inds``.
         """
         if self._call_spec is None:
             self._call_spec = CallSpec.of(args, kwargs)
-        output = self.model(*args, **kwargs)
+        output = self._forward_with_activations(args, kwargs, collect_acts, layer_inds)
         if self._lazy_pending and self._totals()["params"] is not None:  # lazy modules just got their sizes
             self._lazy_pending = False
             self._write_run_record()
@@ -231,6 +256,25 @@ class Master_analyzer(
         # A sharded (FSDP2) model gathers its parameters in the forward pass, a collective:
         # every rank traces the graph and only rank 0's store writes it.
         return draw_architecture(self.inner, example, self.layers, self.store)
+
+    # --------------------------------------------------------------- report
+    def build_report(self) -> Path:
+        """Write ``save_path/report.html``: every analysis saved so far, on one static page.
+
+        The page is self-contained (inline CSS/JS, files linked by relative path, no
+        network) and is rebuilt from ``save_path``'s manifest on each call, so it also
+        shows outputs of earlier processes on the same folder.
+
+        Returns:
+            The path of ``report.html`` (on ranks other than 0, where rank 0 writes it).
+        """
+        from .report import REPORT_NAME, build_report
+
+        if not self.is_main_process:  # only rank 0 writes; the others just learn where
+            return self.store.root / REPORT_NAME
+        path = build_report(self.store)
+        self._say(f"report: {path}")
+        return path
 
     # ------------------------------------------------------------- run.json
     def _write_run_record(self) -> None:

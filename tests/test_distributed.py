@@ -362,7 +362,8 @@ def test_shard_reduction_arithmetic(monkeypatch: pytest.MonkeyPatch, backend: st
     gradient must come out as the single-process kernel gives them.
     """
     import BBDecoder.core.distributed as distributed
-    from BBDecoder.analyses.gradients import _Column, _Recorder
+    from BBDecoder.analyses.gradients.recorder import Column as _Column
+from BBDecoder.analyses.gradients.recorder import Recorder as _Recorder
 
     monkeypatch.setattr(_gradstats, "_backend", backend)  # the shards' kernel; restored afterwards
     nan, inf = math.nan, math.inf

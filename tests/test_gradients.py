@@ -29,6 +29,7 @@ from BBDecoder import (
     SavePathError,
 )
 from BBDecoder.analyses.gradients import CSV_HEADER
+from BBDecoder.analyses.gradients.save import heatmap_matrix, load_history
 from BBDecoder.kernels import gradstats as _gradstats
 from BBDecoder.plots.gradients import _log_limits, gradient_flow_figure
 
@@ -54,7 +55,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def by_kind(paths: list[Path], kind: str) -> Path:
-    suffix = {"flow": "_flow.png", "csv": "_grads.csv", "alerts": "_alerts.json", "npz": "_heatmap.npz"}[kind]
+    suffix = {"flow": "_flow.png", "csv": "_grads.csv", "alerts": "_alerts.json", "npz": "_layers.npz"}[kind]
     (match,) = [p for p in paths if p.name.endswith(suffix)]
     return match
 
@@ -273,7 +274,9 @@ def test_zero_gradients_are_zero_and_vanishing(tmp_path: Path) -> None:
         paths = wm.save_collected_grads(0)
     rows = read_csv(by_kind(paths, "csv"))
     assert {r["l2"] for r in rows} == {"0"} and {r["nonfinite"] for r in rows} == {"0"}
-    messages = [str(w.message) for w in caught]
+    (warning,) = [str(w.message) for w in caught]  # one warning per save, one line per alert
+    header, *messages = warning.splitlines()
+    assert "3 vanishing tensor(s)" in header and "gradients/epoch_000_alerts.json" in header
     assert len(messages) == 3 and all("below vanish_threshold" in m for m in messages)
     assert any("layer 0 'net', parameter 'fc0.weight'" in m for m in messages)
 
@@ -290,7 +293,10 @@ def test_nan_loss_alert_names_layer_once(tmp_path: Path) -> None:
         wm.backward_propagation(loss, collect_grads=True, layer_inds=["net.fc0", "net.fc2"])
     with pytest.warns(GradientAlertWarning) as caught:
         paths = wm.save_collected_grads(0)
-    messages = sorted(str(w.message) for w in caught)
+    (warning,) = [str(w.message) for w in caught]  # one warning per save, one line per alert
+    header, *lines = warning.splitlines()
+    assert header.startswith("gradient alerts, epoch 0: 2 non-finite tensor(s)")
+    messages = sorted(line.strip() for line in lines)
     assert messages == [
         "layer 1 'net.fc0', parameter 'weight': the gradient holds NaN/Inf for the first time at iteration 2 "
         "(320 non-finite entries)",
@@ -542,7 +548,7 @@ def test_files_manifest_and_no_overwrite(tmp_path: Path) -> None:
         "epoch_003_norms.png",
         "epoch_003_grads.csv",
         "epoch_003_heatmap.png",
-        "epoch_003_heatmap.npz",
+        "epoch_003_layers.npz",  # this epoch's per-layer norms, stored once; the heatmap is assembled on read
         "epoch_003_alerts.json",
     }
     assert all(p.parent == tmp_path.resolve() / "gradients" for p in first)
@@ -553,7 +559,7 @@ def test_files_manifest_and_no_overwrite(tmp_path: Path) -> None:
     assert all(p.read_bytes() == data for p, data in before.items())
     entries = wm.store.outputs("gradients")
     assert len(entries) == 12
-    assert {e["kind"] for e in entries} == {"flow", "norms", "csv", "heatmap", "alerts"}
+    assert {e["kind"] for e in entries} == {"flow", "norms", "csv", "layers", "heatmap", "alerts"}
     assert all(e["epoch"] == 3 and set(e) == {"section", "path", "time", "epoch", "kind"} for e in entries)
     png = by_kind(first, "flow").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -594,8 +600,9 @@ def test_heatmap_spans_epochs_and_matches_csv(tmp_path: Path) -> None:
             wm.backward_propagation(loss_of(model, [3, 10]), collect_grads=True, layer_inds=[0])
         paths = wm.save_collected_grads(epoch)
         csvs.append(read_csv(by_kind(paths, "csv")))
-    with np.load(by_kind(paths, "npz")) as data:
-        l2, layers, iterations, epochs = data["l2"], data["layers"], data["iterations"], data["epochs"]
+    with np.load(by_kind(paths, "npz")) as data:  # each epoch's own columns, stored once
+        assert list(data["iterations"]) == [3, 4, 5, 6] and int(data["epoch"]) == 1
+    l2, layers, iterations, epochs = heatmap_matrix(load_history(wm.store))  # what a new process reads back
     assert list(layers) == ["0 net"]
     assert list(iterations) == list(range(7)) and list(epochs) == [0, 0, 0, 1, 1, 1, 1]
     rows = csvs[0] + csvs[1]
@@ -608,12 +615,13 @@ def test_notify_rows_equal_csv(tmp_path: Path) -> None:
     model = FrozenNet()
     wm = make(model, tmp_path)
     events: list[dict[str, Any]] = []
-    wm._on_gradients_saved = lambda **data: events.append(data)  # type: ignore[attr-defined]
+    wm.events.subscribe("gradients_saved", lambda **data: events.append(data))
     wm.backward_propagation(loss_of(model, [3, 5]), collect_grads=True)
     rows = read_csv(by_kind(wm.save_collected_grads(4), "csv"))
     (event,) = events
     assert event["epoch"] == 4 and len(event["rows"]) == len(rows)
-    for plain, text in zip(event["rows"], rows, strict=True):
+    for row, text in zip(event["rows"], rows, strict=True):
+        plain = row.to_json()  # a typed GradientRow; its JSON form has None for a missing number
         assert list(plain) == list(CSV_HEADER)
         assert (plain["layer_id"], plain["layer_name"], plain["param"]) == (
             int(text["layer_id"]),
@@ -624,7 +632,7 @@ def test_notify_rows_equal_csv(tmp_path: Path) -> None:
             assert plain["l2"] is None and plain["nonfinite"] is None  # missing gradient
         else:
             assert plain["l2"] == pytest.approx(float(text["l2"]), rel=1e-8)
-            assert isinstance(plain["nonfinite"], int)
+            assert float(plain["nonfinite"]).is_integer()
 
 
 def test_model_and_gradients_untouched(tmp_path: Path) -> None:

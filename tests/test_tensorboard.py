@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from models import MLP, SmallCNN
 
-from BBDecoder import BBDecoderTypeError, Master_analyzer, MissingDependencyError
-from BBDecoder.analyses.report import _write_scalars, histogram_summary
+from BBDecoder import BBDecoderTypeError, BBDecoderValueError, Master_analyzer, MissingDependencyError
+from BBDecoder.analyses.weights import LayerHistograms, ParamHistogram, collect_histograms, tensor_histogram
+from BBDecoder.core.layers import Layer
+from BBDecoder.export.tensorboard import write_scalars as _write_scalars
+from BBDecoder.output.schema import GradientRow
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -24,6 +27,38 @@ def read_events(folder: Path) -> EventAccumulator:
     accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0})
     accumulator.Reload()
     return accumulator
+
+
+def typed(rows: list[dict[str, Any]]) -> list[GradientRow]:
+    """The event's typed rows; a missing number (None, "nan") is NaN."""
+
+    def number(value: Any) -> float:
+        return float("nan") if value is None else float(value)
+
+    fields = ("mean_abs", "max_abs", "l1", "l2", "nonfinite")
+    return [
+        GradientRow(
+            r["epoch"], r["iteration"], r["layer_id"], r["layer_name"], r["param"], *(number(r[k]) for k in fields)
+        )
+        for r in rows
+    ]
+
+
+def histograms(layer_id: int, layer_name: str, params: list[dict[str, Any]], call: int = 0) -> LayerHistograms:
+    """A layer's histograms given as TensorBoard's fields (min, max, num, sum, sum_squares, edges, counts)."""
+    layer = LayerHistograms(layer_id, layer_name, "Linear", call)
+    for item in params:
+        counts = np.asarray(item["bucket_counts"], dtype=np.int64)
+        limits = np.asarray(item["bucket_limits"], dtype=np.float64)
+        edges = limits if len(limits) == len(counts) + 1 else np.concatenate([[item["min"]], limits])
+        layer.params.append(
+            ParamHistogram(
+                name=item["param"], shape=(item["num"],), edges=edges, counts=counts, numel=item["num"],
+                finite=item["num"], mean=item["sum"] / item["num"], std=0.0, min=item["min"], max=item["max"],
+                sum=item["sum"], sum_squares=item["sum_squares"], zeros_fraction=0.0, saturation_fraction=0.0,
+            )
+        )  # fmt: skip
+    return layer
 
 
 def gradient_rows() -> list[dict[str, Any]]:
@@ -48,7 +83,7 @@ def analyzer(tmp_path: Path) -> Master_analyzer:
 
 def test_gradient_scalars_round_trip(analyzer: Master_analyzer, tmp_path: Path) -> None:
     rows = gradient_rows()
-    analyzer._on_gradients_saved(epoch=0, rows=rows)
+    analyzer.events.emit("gradients_saved", epoch=0, rows=typed(rows))
     analyzer.close()
     events = read_events(tmp_path / "tb")
     tags = set(events.Tags()["scalars"])
@@ -67,7 +102,7 @@ def test_weight_histograms_round_trip(analyzer: Master_analyzer, tmp_path: Path)
     layer = {"layer_id": 0, "layer_name": "net.fc0", "param": "weight", "min": -1.0, "max": 2.0, "num": 6,
              "sum": 3.0, "sum_squares": 9.5, "bucket_limits": [0.0, 1.0, 2.0], "bucket_counts": [2, 3, 1]}  # fmt: skip
     edges = dict(layer, param="bias", bucket_limits=[-1.0, 0.0, 1.0, 2.0])  # given as all edges
-    analyzer._on_weights_histogram(call=3, layers=[layer, edges])
+    analyzer.events.emit("weights_histogram", call=3, weights=[histograms(0, "net.fc0", [layer, edges])], grads=[])
     analyzer.close()
     events = read_events(tmp_path / "tb")
     for param in ("weight", "bias"):
@@ -85,9 +120,7 @@ def test_gradient_histograms_of_current_grads(analyzer: Master_analyzer, tmp_pat
     loss = model(torch.randn(16, 10)).square().mean()
     loss.backward()
     grad = model.net.fc0.weight.grad.clone()
-    layer = {"layer_id": 0, "layer_name": "net", "param": "fc0.weight", "min": 0.0, "max": 1.0, "num": 1,
-             "sum": 0.5, "sum_squares": 0.25, "bucket_limits": [1.0] * 10, "bucket_counts": [0] * 9 + [1]}  # fmt: skip
-    analyzer._on_weights_histogram(call=0, layers=[layer])
+    analyzer.visualize_weight_hist(0, bins=10)  # the event carries the current gradients' histograms too
     assert torch.equal(model.net.fc0.weight.grad, grad)  # untouched
     analyzer.close()
     (event,) = read_events(tmp_path / "tb").Histograms("gradients/0 net.fc0.weight")
@@ -102,30 +135,41 @@ def test_gradient_histograms_of_current_grads(analyzer: Master_analyzer, tmp_pat
     assert np.abs(np.asarray(value.bucket) - counts).sum() <= 2  # float32 vs float64 at bin edges
 
 
+def gradient_histogram(values: torch.Tensor, bins: int) -> ParamHistogram | None:
+    """What the event carries for one gradient tensor (the weights' own device histogram)."""
+    param = torch.nn.Parameter(torch.zeros_like(values))
+    param.grad = values
+    module = torch.nn.Module()
+    module.p = param
+    (layer,) = collect_histograms([Layer(0, "m", module, 1)], bins, 0, grads=True)
+    return layer.params[0] if layer.params and layer.params[0].finite else None
+
+
 def test_histogram_summary_against_numpy() -> None:
     torch.manual_seed(1)
     values = torch.randn(5000)
     values[::97] = float("nan")
     values[5] = float("inf")
-    summary = histogram_summary(values, bins=32)
+    summary = gradient_histogram(values, bins=32)
     assert summary is not None
     finite = values[torch.isfinite(values)].double().numpy()
-    assert summary["num"] == finite.size
-    np.testing.assert_allclose(summary["sum"], finite.sum(), rtol=1e-5)
-    np.testing.assert_allclose(summary["sum_squares"], (finite**2).sum(), rtol=1e-5)
+    assert summary.finite == finite.size
+    np.testing.assert_allclose(summary.sum, finite.sum(), rtol=1e-5)
+    np.testing.assert_allclose(summary.sum_squares, (finite**2).sum(), rtol=1e-5)
     counts, edges = np.histogram(finite, bins=32, range=(finite.min(), finite.max()))
-    np.testing.assert_allclose(summary["bucket_limits"], edges[1:], rtol=1e-6)
-    assert summary["bucket_limits"][-1] == summary["max"]
-    assert np.abs(np.asarray(summary["bucket_counts"]) - counts).sum() <= 2
+    np.testing.assert_allclose(summary.edges[1:], edges[1:], rtol=1e-6)
+    assert summary.edges[-1] == summary.max
+    assert np.abs(np.asarray(summary.counts) - counts).sum() <= 2
 
 
 def test_histogram_summary_edge_cases() -> None:
-    constant = histogram_summary(torch.full((7,), 0.5), bins=16)
+    constant = gradient_histogram(torch.full((7,), 0.5), bins=16)
     assert constant is not None
-    assert constant["bucket_limits"] == [0.5] and constant["bucket_counts"] == [7.0]
-    assert histogram_summary(torch.full((3,), float("nan"))) is None
-    half = histogram_summary(torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16), bins=2)
-    assert half is not None and half["num"] == 3 and half["sum"] == 6.0
+    assert constant.min == constant.max == 0.5 and sorted(constant.counts.tolist())[-1] == 7  # one bucket
+    assert gradient_histogram(torch.full((3,), float("nan")), bins=8) is None
+    half = gradient_histogram(torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16), bins=2)
+    assert half is not None and half.finite == 3 and half.sum == 6.0
+    assert tensor_histogram(torch.tensor([1.0, 2.0]), 2).dtype == torch.float64  # exact sums
 
 
 def test_real_analyses_feed_tensorboard(tmp_path: Path) -> None:
@@ -165,7 +209,7 @@ def test_real_analyses_feed_tensorboard(tmp_path: Path) -> None:
 def test_missing_gradients_are_left_out(analyzer: Master_analyzer, tmp_path: Path) -> None:
     rows = gradient_rows()[:2]
     rows[0] = dict(rows[0], l2=float("nan"), l1="nan", mean_abs=None)
-    analyzer._on_gradients_saved(epoch=0, rows=rows)
+    analyzer.events.emit("gradients_saved", epoch=0, rows=typed(rows))
     analyzer.close()
     tags = set(read_events(tmp_path / "tb").Tags()["scalars"])
     assert "grad_l2/0 net.fc0.weight" not in tags and "grad_max_abs/0 net.fc0.weight" in tags
@@ -187,18 +231,19 @@ def test_scalars_without_the_batched_path() -> None:
 
 def test_without_tensorboard_dir_events_are_ignored(tmp_path: Path) -> None:
     wm = Master_analyzer(MLP(), tmp_path, verbose=False)
-    wm._on_gradients_saved(epoch=0, rows=gradient_rows())
-    wm._on_weights_histogram(call=0, layers=[])
+    wm.events.emit("gradients_saved", epoch=0, rows=typed(gradient_rows()))
+    wm.events.emit("weights_histogram", call=0, weights=[], grads=[])
+    assert not wm.events.wanted("gradients_saved")
     wm.close()
     wm.close()  # idempotent
     assert not list(tmp_path.rglob("events.out.tfevents*"))
 
 
 def test_close_is_idempotent_and_files_stay_outside_save_path(analyzer: Master_analyzer, tmp_path: Path) -> None:
-    analyzer._on_gradients_saved(epoch=0, rows=gradient_rows())
+    analyzer.events.emit("gradients_saved", epoch=0, rows=typed(gradient_rows()))
     analyzer.close()
     analyzer.close()
-    analyzer._on_gradients_saved(epoch=1, rows=gradient_rows())  # after close: ignored, no error
+    analyzer.events.emit("gradients_saved", epoch=1, rows=typed(gradient_rows()))  # after close: ignored, no error
     assert list((tmp_path / "tb").glob("events.out.tfevents*"))
     assert not list((tmp_path / "run").rglob("events.out.tfevents*"))
 
@@ -212,3 +257,5 @@ def test_missing_tensorboard_names_the_extra(tmp_path: Path, monkeypatch: pytest
 def test_bad_tensorboard_dir(tmp_path: Path) -> None:
     with pytest.raises(BBDecoderTypeError, match=r"tensorboard_dir must be a str or os\.PathLike, got int 5"):
         Master_analyzer(MLP(), tmp_path, verbose=False, tensorboard_dir=5)
+    with pytest.raises(BBDecoderValueError, match=r"tensorboard_dir='' is empty"):
+        Master_analyzer(MLP(), tmp_path, verbose=False, tensorboard_dir="")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..core import distributed
+from ..core.events import Events
 from ..core.forward import After, hooked_forward
 from ..core.hooks import HookRegistry
 from ..core.layers import Layer, LayerTable, Selector
@@ -28,6 +29,7 @@ class AnalyzerBase:
         layers: the numbered layer table of ``inner``.
         hooks: the registry that owns every hook handle.
         store: the output folder; the only writer of files.
+        events: the registry exporters subscribe to (TensorBoard).
         verbose: whether to print tables and progress.
     """
 
@@ -36,6 +38,7 @@ class AnalyzerBase:
     layers: LayerTable
     hooks: HookRegistry
     store: Store
+    events: Events
     verbose: bool
 
     # ------------------------------------------------------------ selectors
@@ -61,17 +64,6 @@ class AnalyzerBase:
         """Print ``text`` when verbose, on rank 0 only."""
         if self.verbose and self.is_main_process:
             print(text)
-
-    def _notify(self, event: str, **data: Any) -> None:
-        """Tell other analyses that something happened (``_on_<event>(**data)`` if defined).
-
-        Events: ``gradients_saved`` (after ``save_collected_grads``),
-        ``weights_histogram`` (after ``visualize_weight_hist``). The TensorBoard writer
-        listens to these, so analyses never import each other.
-        """
-        listener = getattr(self, f"_on_{event}", None)
-        if listener is not None:
-            listener(**data)
 
     # -------------------------------------------------------------- forward
     def _capture(

@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,15 +23,25 @@ from ..core import distributed
 from ..core.layers import Layer, Selector
 from ..core.model import accumulator_dtype
 from ..errors import BBDecoderTypeError, BBDecoderValueError, WeightHistogramWarning
-from ..output.store import safe_name
+from ..output import layout
 from ._base import AnalyzerBase
 
 DEFAULT_CHUNK = 1 << 24
 """Largest number of elements of one parameter handled at once (as float64: 128 MiB)."""
 
 SATURATION = 0.99
-"""An element is saturated when ``|w| >= SATURATION * max|w|`` (within 1% of the extremes)."""
+"""Saturation bands: the outer ``(1 - SATURATION) / 2`` of the finite range at each end.
 
+For a range symmetric about 0 that is ``|w| >= SATURATION * max|w|``. Elements in a band
+count as saturated only where they pile up (see :data:`PILE_UP` and :func:`tensor_histogram`).
+"""
+
+PILE_UP = 4.0
+"""A band piles up when it holds, besides the extreme element itself, more than ``PILE_UP``
+times the elements an even spread over the tensor's range would put there (plus a margin
+for chance clusters in small tensors; see :func:`tensor_histogram`)."""
+
+SECTION = "weights"
 _STATS = ("numel", "finite", "sum", "sum_squares", "mean", "std", "min", "max", "zeros", "saturated")
 
 
@@ -90,6 +99,22 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
     neither needs the range on the host) and counts saturated elements. A tensor with a
     single value gets edges ``value ± 0.5``, as ``numpy.histogram`` does.
 
+    Saturation: let the finite elements span ``[lo, hi]``, ``W = hi - lo``, ``A = max|w|``
+    and ``n`` the finite count. Each end has a band of width ``e·W``, ``e = (1 - SATURATION)
+    / 2`` (0.5%): ``[lo, lo + e·W]`` and ``[hi - e·W, hi]``; for a range symmetric about 0
+    that is exactly ``|w| >= 0.99·max|w|``. An even spread over the range puts
+    ``λ = e·n`` elements in a band. An end *piles up* when its band holds, besides the
+    extreme element itself (always there), more than ``PILE_UP·λ + 3·sqrt(λ) + 1``
+    elements: four times the even share, with a margin that keeps chance clusters of small
+    tensors out (a 16-element bias has ``λ = 0.08`` and needs 3 more). The saturated count
+    is the number of elements in the bands that pile up. It is 0 for a *narrow* tensor,
+    whose whole range lies within 1% of its largest magnitude (``W <= (1 - SATURATION)·A``:
+    a constant, or a norm layer's γ ≈ 1 ± 1e-4), where the bands are noise around one
+    value, not limits the weights are pressed against. Bell-shaped and uniform tensors
+    (every default initialisation) thin out or stay flat towards their ends and are not
+    flagged; clipped, binarised or sign-quantised weights, and weights held at a max-norm
+    limit, are.
+
     Args:
         tensor: any real tensor (a parameter).
         bins: number of equal-width bins.
@@ -131,9 +156,10 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
     edges[0], edges[-1] = first, last
     mean = total / finite.clamp_min(1)
     abs_max = torch.maximum(low.abs(), high.abs())
-    threshold = torch.where(abs_max > 0, SATURATION * abs_max, float("inf"))
+    band = (1.0 - SATURATION) / 2 * (high - low)
+    low_band, high_band = low + band, high - band
     counts = torch.zeros(bins + 1, dtype=torch.int64, device=flat.device)  # last: non-finite
-    centred, saturated = zero(), zero()
+    centred, at_low, at_high = zero(), zero(), zero()
     for start in range(0, flat.numel(), chunk):
         block = flat[start : start + chunk].to(dtype)
         ok = torch.isfinite(block)
@@ -141,8 +167,17 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
         index = torch.where(ok, index, bins)
         counts.scatter_add_(0, index, torch.ones_like(index))
         centred += torch.where(ok, block - mean, 0).square().sum()
-        saturated += (ok & (block.abs() >= threshold)).sum()
+        at_low += (ok & (block <= low_band)).sum()
+        at_high += (ok & (block >= high_band)).sum()
     std = (centred / finite.clamp_min(1)).sqrt()
+    narrow = (high - low) <= (1.0 - SATURATION) * abs_max  # also: constant, all zero, nothing finite
+    even = (1.0 - SATURATION) / 2 * finite  # elements an even spread over the range puts in a band
+    enough = PILE_UP * even + 3.0 * even.sqrt() + 1.0  # extra elements that are no chance cluster
+
+    def piled(count: torch.Tensor) -> torch.Tensor:
+        return torch.where(count - 1 > enough, count, 0)
+
+    saturated = torch.where(narrow, 0, piled(at_low) + piled(at_high)).to(dtype)
     numel = torch.full((), flat.numel(), dtype=dtype, device=flat.device)
     stats = torch.stack([numel, finite, total, squares, mean, std, data_min, data_max, zeros, saturated])
     return torch.cat([stats, edges, counts[:bins].to(dtype)])
@@ -181,7 +216,7 @@ def layer_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def collect_histograms(
-    layers: Sequence[Layer], bins: int, call: int, *, chunk: int = DEFAULT_CHUNK
+    layers: Sequence[Layer], bins: int, call: int, *, chunk: int = DEFAULT_CHUNK, grads: bool = False
 ) -> list[LayerHistograms]:
     """Histograms of every parameter tensor of ``layers``; one host copy per device.
 
@@ -190,6 +225,8 @@ def collect_histograms(
         bins: bins per histogram.
         call: the call number recorded in the result.
         chunk: elements per block (see :func:`tensor_histogram`).
+        grads: histograms of the parameters' current ``.grad`` instead (parameters
+            without one, or whose gradient is an FSDP2 shard, are left out).
 
     Returns:
         One :class:`LayerHistograms` per layer, parameters in ``named_parameters`` order.
@@ -201,9 +238,12 @@ def collect_histograms(
         entry = LayerHistograms(layer.id, layer.name, layer.type, call)
         results.append(entry)
         for name, param in layer_parameters(layer.module):
+            if grads and (param.grad is None or distributed.is_dtensor(param.grad)):
+                continue  # a shard's histogram would mislead, and rank 0 alone cannot gather it
+            tensor = param.grad if grads else distributed.full_tensor(param)
             queue = vectors.setdefault(param.device, [])
             places.append((entry, name, tuple(param.shape), param.device, len(queue)))
-            queue.append(tensor_histogram(distributed.full_tensor(param), bins, chunk=chunk))
+            queue.append(tensor_histogram(tensor, bins, chunk=chunk))
     host = {device: torch.stack(queue).cpu().double().numpy() for device, queue in vectors.items()}
     for entry, name, shape, device, row in places:
         entry.params.append(_unpack(name, shape, host[device][row], bins))
@@ -329,7 +369,7 @@ class WeightMixin(AnalyzerBase):
             raise BBDecoderTypeError(f"bins must be a positive int, got {bins!r}")
         if bins < 1:
             raise BBDecoderValueError(f"bins must be at least 1, got bins={bins}")
-        folder = self.store.subfolder(save_folder, "save_folder", default="weights")
+        folder = self.store.subfolder(save_folder, "save_folder", default=SECTION)
         chosen = self._select(layer_inds, "layer_inds")
         layers = [layer for layer in chosen if layer_parameters(layer.module)]
         empty = [layer for layer in chosen if layer not in layers]
@@ -353,7 +393,9 @@ class WeightMixin(AnalyzerBase):
         written: list[Path] = []
         for result in results:
             written += self._write_layer_histograms(result, folder)
-        self._notify("weights_histogram", call=call, layers=_event_payload(results))
+        if self.events.wanted("weights_histogram"):
+            grads = collect_histograms(layers, bins, call, grads=True)
+            self.events.emit("weights_histogram", call=call, weights=results, grads=grads)
         self._say(
             f"visualize_weight_hist call {call}: {sum(len(r.params) for r in results)} tensors of "
             f"{len(results)} layer(s) → {self.store.root / folder}"
@@ -363,7 +405,7 @@ class WeightMixin(AnalyzerBase):
     # ------------------------------------------------------------- helpers
     def _next_weight_call(self) -> int:
         if self._weight_calls is None:
-            self._weight_calls = self.store.next_number("weights") - 1
+            self._weight_calls = layout.next_number(self.store, SECTION) - 1
         self._weight_calls += 1
         return self._weight_calls
 
@@ -371,7 +413,7 @@ class WeightMixin(AnalyzerBase):
         """Earlier calls of the layer named ``name``: from memory, else from the manifest."""
         if name not in self._weight_history:
             earlier: list[LayerHistograms] = []
-            for entry in self.store.outputs("weights"):
+            for entry in self.store.outputs(SECTION):
                 if entry.get("kind") != "data" or entry.get("layer_name") != name:
                     continue
                 try:
@@ -390,60 +432,27 @@ class WeightMixin(AnalyzerBase):
 
         history = self._weight_history_of(result.layer_name)
         history.append(result)
-        base = (folder / f"{result.layer_id:03d}_{safe_name(result.layer_name)}").as_posix()
+
+        layer = (result.layer_id, result.layer_name)
+
+        def where(kind: str) -> str:
+            return layout.relative_path(SECTION, kind, folder=folder, layer=layer, call=result.call)
+
         meta = {"layer_id": result.layer_id, "layer_name": result.layer_name, "call": result.call}
         paths = [
             self.store.save_figure(
-                weight_histogram_figure(result),
-                f"{base}/hist_call{result.call:03d}.png",
-                section="weights",
-                meta={**meta, "kind": "histogram"},
+                weight_histogram_figure(result), where("histogram"), section=SECTION, meta={**meta, "kind": "histogram"}
             ),
             self.store.write_npz(
-                f"{base}/hist_call{result.call:03d}.npz",
-                histogram_arrays(result),
-                section="weights",
-                meta={**meta, "kind": "data"},
+                where("data"), histogram_arrays(result), section=SECTION, meta={**meta, "kind": "data"}
             ),
-        ]
-        # redrawn in place each call; the store keeps the manifest entry of its first write
-        paths.append(
+            # redrawn in place each call; the store keeps the manifest entry of its first write
             self.store.save_figure(
                 weight_evolution_figure(history),
-                f"{base}/evolution.png",
+                where("evolution"),
                 overwrite=True,
-                section="weights",
+                section=SECTION,
                 meta={**meta, "kind": "evolution"},
-            )
-        )
+            ),
+        ]
         return [p for p in paths if p is not None]
-
-
-def _event_payload(results: list[LayerHistograms]) -> list[dict[str, Any]]:
-    """One dict per tensor with what ``SummaryWriter.add_histogram_raw`` needs."""
-    payload = []
-    for layer in results:
-        for p in layer.params:
-            payload.append(
-                {
-                    "layer_id": layer.layer_id,
-                    "layer_name": layer.layer_name,
-                    "param": p.name,
-                    "shape": p.shape,
-                    "edges": p.edges,
-                    "counts": p.counts,
-                    "min": p.min,
-                    "max": p.max,
-                    "num": p.finite,
-                    "sum": p.sum,
-                    "sum_squares": p.sum_squares,
-                    "bucket_limits": p.edges[1:],
-                    "bucket_counts": p.counts,
-                    "mean": p.mean,
-                    "std": p.std,
-                    "zeros_fraction": p.zeros_fraction,
-                    "saturation_fraction": p.saturation_fraction,
-                    "nonfinite": p.nonfinite,
-                }
-            )
-    return payload

@@ -132,6 +132,17 @@ class ManifestEntry(Record):
         return self.extra.get(key, default)
 
 
+def manifest_entries(raw: list[dict[str, Any]]) -> list[ManifestEntry]:
+    """Typed entries from the store's list (``Store.outputs()``); malformed ones are skipped."""
+    entries = []
+    for item in raw:
+        try:
+            entries.append(ManifestEntry.from_json(item))
+        except SchemaError:
+            continue
+    return entries
+
+
 # ------------------------------------------------------------------------ run.json
 @dataclass
 class LayerRecord(Record):
@@ -392,3 +403,142 @@ def _from_text(hint: Any, text: str | None, where: str) -> Any:
     except ValueError as error:
         raise SchemaError(f"{where}: {text!r} is not a {hint.__name__}") from error
     return "" if text is None else text
+
+
+# --------------------------------------------------------------- activation health
+@dataclass
+class ActivationRow(Record):
+    """One row of ``epoch_NNN_activations.csv``: one layer's output at one recorded forward pass.
+
+    ``dead_frac`` is the fraction of units (channels or features) that were exactly 0 for
+    the whole batch; ``saturated_frac`` the fraction of elements near the bounds of a
+    bounded activation (``nan`` for unbounded layers). Every number is ``nan`` for a
+    selected layer that did not run in that pass.
+    """
+
+    epoch: int
+    iteration: int
+    layer_id: int
+    layer_name: str
+    mean: float
+    std: float
+    max_abs: float
+    zero_frac: float
+    dead_frac: float
+    saturated_frac: float
+
+
+ACTIVATION_CSV_HEADER = tuple(f.name for f in dataclasses.fields(ActivationRow))
+
+
+@dataclass
+class ActivationSummary(Record):
+    """One layer's activation health over one epoch (averages of its recorded passes).
+
+    Attributes:
+        unit_dim: the dimension whose entries are the units of ``dead_frac`` (``-1``: the
+            last one; ``None`` when the output has fewer than two dimensions).
+        units: how many units that dimension holds.
+        bounds: ``[low, high]`` of a bounded activation, ``None`` otherwise.
+        dead_frac_last: ``dead_frac`` at the epoch's last recorded pass.
+        status: ``"ok"``, ``"dead"``, ``"saturated"`` or ``"not run"``.
+    """
+
+    layer_id: int
+    layer_name: str
+    type: str
+    recorded: int
+    mean: float
+    std: float
+    max_abs: float
+    zero_frac: float
+    dead_frac: float
+    dead_frac_last: float
+    saturated_frac: float
+    unit_dim: int | None = None
+    units: int = 0
+    bounds: list[float] | None = None
+    status: str = "ok"
+
+
+@dataclass
+class ActivationEpochReport(Record):
+    """``epoch_NNN_activation_alerts.json``: an epoch's activation alerts and per-layer summary."""
+
+    versioned: ClassVar[bool] = True
+    epoch: int
+    iterations: list[int] = field(default_factory=list)
+    recorded_iterations: int = 0
+    layers: int = 0
+    dead_threshold: float = math.nan
+    saturated_threshold: float = math.nan
+    saturation_margin: float = math.nan
+    alerts: list[Alert] = field(default_factory=list)
+    summary: list[ActivationSummary] = field(default_factory=list)
+
+
+# ------------------------------------------------------------ update-to-weight ratio
+@dataclass
+class UpdateRow(Record):
+    """One row of ``epoch_NNN_updates.csv``: one parameter tensor at one optimizer step.
+
+    ``update_norm`` is ‖Δw‖ (what the step changed), ``weight_norm`` ‖w‖ before the step,
+    ``ratio`` their quotient; all ``nan`` for a tensor without a gradient at that step.
+    """
+
+    epoch: int
+    step: int
+    layer_id: int
+    layer_name: str
+    param: str
+    update_norm: float
+    weight_norm: float
+    ratio: float
+
+
+UPDATE_CSV_HEADER = tuple(f.name for f in dataclasses.fields(UpdateRow))
+
+
+@dataclass
+class UpdateSummary(Record):
+    """One layer's update-to-weight ratio over one epoch.
+
+    Attributes:
+        median_ratio: the median over the epoch's steps of the layer's ratio
+            ‖Δw‖/‖w‖ (its tensors together: root of summed squares over root of summed squares).
+        log10_distance: ``log10(median_ratio)`` minus the median of that over the layers.
+        status: ``"ok"``, ``"small"``, ``"large"``, ``"not updated"`` or ``"missing"``.
+    """
+
+    layer_id: int
+    layer_name: str
+    tensors: int
+    steps: int
+    median_ratio: float
+    log10_distance: float
+    status: str = "ok"
+
+
+@dataclass
+class UpdateEpochReport(Record):
+    """``epoch_NNN_update_alerts.json``: an epoch's update alerts, the rule's numbers and per-layer summary.
+
+    Attributes:
+        median_log10: the median over layers of ``log10(median_ratio)``.
+        spread: the robust spread of that (1.4826 × median absolute deviation), in decades.
+        far_decades: the distance beyond which a layer is "far" this epoch
+            (``max(min_far_decades, 3 × spread)``).
+    """
+
+    versioned: ClassVar[bool] = True
+    epoch: int
+    steps: list[int] = field(default_factory=list)
+    recorded_steps: int = 0
+    tensors: int = 0
+    median_log10: float = math.nan
+    spread: float = math.nan
+    far_decades: float = math.nan
+    small_threshold: float = math.nan
+    large_threshold: float = math.nan
+    alerts: list[Alert] = field(default_factory=list)
+    summary: list[UpdateSummary] = field(default_factory=list)
