@@ -88,6 +88,9 @@ def make_save_path(root: Path, *, epochs: int = 3, hostile: bool = True) -> Stor
             "param": "weight",
             "iteration": 7,
             "epoch": 1,
+            "value": 3.0,
+            "message": f"layer 2 {layers[2]['name']!r}, parameter 'weight': the gradient holds NaN/Inf for the first "
+            "time at iteration 7 (3 non-finite entries)",
         },
         {
             "kind": "vanishing",
@@ -97,6 +100,8 @@ def make_save_path(root: Path, *, epochs: int = 3, hostile: bool = True) -> Stor
             "iteration": 3,
             "epoch": 1,
             "value": 1e-12,
+            "message": "layer 0 'conv1', parameter 'weight': mean |grad| averages 1e-12 over epoch 1, below "
+            "vanish_threshold=1e-08",
         },
     ]
     report = {"epoch": 1, "alerts": alerts, "skipped_iterations": [5, 6], "summary": []}  # save_collected_grads' layout
@@ -267,9 +272,9 @@ def test_alerts_come_first_and_are_listed(report: tuple[Path, str]) -> None:
     assert text.index('id="alerts"') < text.index('id="summary"') < text.index('id="gradients"')
     context_alerts = re.findall(r'<li class="alert (\w+)">', text)
     assert context_alerts == ["error", "warning", "info"]  # NaN/Inf, vanishing, skipped AMP steps
-    assert "NaN/Inf gradient" in text and "first at iteration 7" in text
+    assert "NaN/Inf gradient" in text and "for the first time at iteration 7" in text
     assert "2 step(s) skipped by the GradScaler: iterations 5, 6" in text
-    assert "mean |g| = 1e-12" in text
+    assert "mean |grad| averages 1e-12" in text
 
 
 def test_alerts_as_a_plain_list_and_duplicates(tmp_path: Path) -> None:
@@ -278,7 +283,8 @@ def test_alerts_as_a_plain_list_and_duplicates(tmp_path: Path) -> None:
     alert = {"kind": "exploding", "layer_id": 0, "layer_name": "conv1", "param": "weight", "iteration": 4,
              "message": "conv1.weight: mean |grad| exceeds explode_threshold=1000"}  # fmt: skip
     for epoch in (0, 1):  # the same alert saved twice is listed once
-        store.write_json(f"g/alerts{epoch}.json", [alert], section="gradients", meta={"epoch": 0, "kind": "alerts"})
+        report = {"schema": 2, "epoch": 0, "alerts": [{**alert, "epoch": 0, "value": 2e3}]}
+        store.write_json(f"g/alerts{epoch}.json", report, section="gradients", meta={"epoch": 0, "kind": "alerts"})
     context = collect(store)
     assert [(a["title"], a["severity"], a["text"]) for a in context["alerts"]] == [
         ("Exploding gradient", "error", alert["message"])

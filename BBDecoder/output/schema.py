@@ -159,7 +159,7 @@ class LayerRecord(Record):
 class Session(Record):
     """One process that wrote into the folder."""
 
-    started: str
+    started: str = ""
     pid: int = 0
 
 
@@ -207,8 +207,8 @@ class Alert(Record):
     layer_name: str
     param: str
     iteration: int
-    value: float
-    message: str
+    value: float = math.nan
+    message: str = ""
 
 
 @dataclass
@@ -291,14 +291,14 @@ class CostRow(Record):
 
     id: int
     name: str
-    type: str
-    params: int | None
-    forward_flops: int
-    backward_flops: int
-    forward_ms: float
-    forward_ms_p25: float
-    forward_ms_p75: float
-    activation_bytes: int
+    type: str = ""
+    params: int | None = None
+    forward_flops: int = 0
+    backward_flops: int = 0
+    forward_ms: float = math.nan
+    forward_ms_p25: float = math.nan
+    forward_ms_p75: float = math.nan
+    activation_bytes: int = 0
 
 
 COST_CSV_HEADER = tuple(f.name for f in dataclasses.fields(CostRow))

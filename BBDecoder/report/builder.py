@@ -21,6 +21,15 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import BBDecoderTypeError, SavePathError
+from ..output.schema import (
+    CostRow,
+    GradientEpochReport,
+    ManifestEntry,
+    RunRecord,
+    SchemaError,
+    manifest_entries,
+    row_from_csv,
+)
 from ..output.store import MANIFEST_NAME, RUN_NAME, Store
 
 REPORT_NAME = "report.html"
@@ -35,7 +44,7 @@ _COST_COLUMNS = {
     "activation_bytes": "Activations",
 }
 
-Entry = dict[str, Any]
+Entry = ManifestEntry
 Frame = dict[str, Any]
 
 
@@ -113,12 +122,11 @@ def collect(store: Store) -> dict[str, Any]:
 
     Manifest entries whose file has gone missing are skipped and listed under ``missing``.
     """
-    run = _read_json(store.root / RUN_NAME)
-    run = run if isinstance(run, dict) else {}
+    run = _run_record(store.root / RUN_NAME)
     entries, missing = _present_entries(store)
     by_section: dict[str, list[Entry]] = {}
     for entry in entries:
-        by_section.setdefault(str(entry["section"]), []).append(entry)
+        by_section.setdefault(entry.section, []).append(entry)
 
     costs = _costs(store.root, by_section.get("costs", []))
     alerts = _alerts(store.root, by_section.get("gradients", []))
@@ -133,10 +141,9 @@ def collect(store: Store) -> dict[str, Any]:
         "costs": costs,
     }
     other = [_asset(e) for name, group in by_section.items() if name not in _KNOWN_SECTIONS for e in group]
-    model = str(run.get("model") or "model")
-    totals = run.get("totals") if isinstance(run.get("totals"), dict) else {}
+    model = run.model or "model"
     # without recorded totals: the top-level layers (a dotted name is a child, counted in its parent)
-    params = totals.get("params", sum(int(row.get("params") or 0) for row in layers if "." not in row["name"]))
+    params = run.totals.get("params", sum(int(row.get("params") or 0) for row in layers if "." not in row["name"]))
     nav = [
         ("alerts", "Alerts", len(alerts)),
         ("summary", "Layers", len(layers)),
@@ -155,15 +162,15 @@ def collect(store: Store) -> dict[str, Any]:
         "heading": model,
         "model": model,
         "run": {
-            "version": run.get("version"),
-            "torch": run.get("torch"),
-            "python": run.get("python"),
-            "created": _when(run.get("created")),
-            "updated": _when(run.get("updated")),
-            "depth": run.get("depth"),
-            "input_size": run.get("input_size"),
-            "world_size": run.get("world_size"),
-            "sessions": len(run.get("sessions") or []),
+            "version": run.version or None,
+            "torch": run.torch or None,
+            "python": run.python or None,
+            "created": _when(run.created),
+            "updated": _when(run.updated),
+            "depth": run.depth,
+            "input_size": run.input_size,
+            "world_size": run.world_size,
+            "sessions": len(run.sessions),
         },
         "totals": {"layers": len(layers), "params": params},
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -182,19 +189,27 @@ def collect(store: Store) -> dict[str, Any]:
 
 
 def _present_entries(store: Store) -> tuple[list[Entry], list[str]]:
+    """Typed manifest entries whose file is on disk, and the paths of those that are not."""
     present: list[Entry] = []
     missing: list[str] = []
-    for entry in store.outputs():
-        path = str(entry.get("path", ""))
+    for entry in manifest_entries(store.outputs()):
         try:
-            exists = store.resolve(path).is_file()
+            exists = store.resolve(entry.path).is_file()
         except SavePathError:  # a tampered manifest pointing outside the folder
             exists = False
         if exists:
             present.append(entry)
         else:
-            missing.append(path)
+            missing.append(entry.path)
     return present, missing
+
+
+def _run_record(path: Path) -> RunRecord:
+    """``run.json`` (this release's or 0.1.0's); an empty record when it is missing or unreadable."""
+    try:
+        return RunRecord.from_json(_read_json(path))
+    except SchemaError:
+        return RunRecord()
 
 
 # ------------------------------------------------------------------- helpers
@@ -203,13 +218,13 @@ def _href(path: str) -> str:
 
 
 def _asset(entry: Entry, caption: str | None = None) -> dict[str, Any]:
-    path = str(entry["path"])
+    path = entry.path
     return {
         "href": _href(path),
         "path": path,
         "name": path.split("/", 1)[-1],  # without the section's folder: "0_conv1/hist_call001.npz"
         "suffix": Path(path).suffix.lower(),
-        "kind": str(entry.get("kind", "")),
+        "kind": entry.kind,
         "caption": caption if caption is not None else path.rsplit("/", 1)[-1],
     }
 
@@ -220,15 +235,15 @@ def _image(entry: Entry, caption: str | None = None) -> dict[str, Any]:
 
 
 def _is_image(entry: Entry) -> bool:
-    return Path(str(entry["path"])).suffix.lower() in _IMAGE_SUFFIXES
+    return entry.suffix in _IMAGE_SUFFIXES
 
 
 def _data_files(entries: Iterable[Entry]) -> list[dict[str, Any]]:
-    return [_asset(e) for e in entries if Path(str(e["path"])).suffix.lower() in _DATA_SUFFIXES]
+    return [_asset(e) for e in entries if e.suffix in _DATA_SUFFIXES]
 
 
 def _of_kind(entries: Iterable[Entry], *kinds: str) -> list[Entry]:
-    return [e for e in entries if e.get("kind") in kinds]
+    return [e for e in entries if e.kind in kinds]
 
 
 def _number(value: Any) -> float | None:
@@ -306,27 +321,26 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------ sections
-def _layer_rows(run: dict[str, Any], costs: dict[int, dict[str, Any]], alerted: set[Any]) -> list[dict[str, Any]]:
-    rows = []
-    for layer in run.get("layers") or []:
-        if not isinstance(layer, dict):
-            continue
-        layer_id = layer.get("id")
-        row = {
-            "id": layer_id,
-            "name": str(layer.get("name", "")),
-            "type": str(layer.get("type", "")),
-            "params": layer.get("params"),
-            "trainable_params": layer.get("trainable_params"),
-            "alert": layer_id in alerted,
+def _layer_rows(run: RunRecord, costs: dict[int, dict[str, Any]], alerted: set[int]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": layer.id,
+            "name": layer.name,
+            "type": layer.type,
+            "params": layer.params,
+            "trainable_params": layer.trainable_params,
+            "alert": layer.id in alerted,
+            **{k: costs.get(layer.id, {}).get(k) for k in _COST_COLUMNS},
         }
-        row.update({k: costs.get(layer_id, {}).get(k) for k in _COST_COLUMNS})
-        rows.append(row)
-    return rows
+        for layer in run.layers
+    ]
 
 
 def _architecture(entries: list[Entry]) -> dict[str, Any]:
-    by_suffix = {Path(str(e["path"])).suffix.lower(): e for e in entries}
+    # re-drawing the graph writes a newer call: only the newest one is shown
+    newest = max((e.get("call", 0) for e in entries), default=0)
+    entries = [e for e in entries if e.get("call", 0) == newest]
+    by_suffix = {e.suffix: e for e in entries}
     picture = by_suffix.get(".svg") or by_suffix.get(".png")
     return {
         "present": bool(entries),
@@ -361,90 +375,70 @@ def _latest_per_name(entries: list[Entry]) -> list[Entry]:
     """One entry per file name stem (a rewrite of the same epoch gets a ``-1`` suffix)."""
     chosen: dict[str, Entry] = {}
     for entry in entries:
-        stem = Path(str(entry["path"])).stem
+        stem = Path(entry.path).stem
         base = stem.rsplit("-", 1)[0] if stem.rsplit("-", 1)[-1].isdigit() else stem
         chosen[base] = entry
     return list(chosen.values())
 
 
+_ALERT_STYLE = {
+    "nonfinite": ("error", "NaN/Inf gradient"),
+    "exploding": ("error", "Exploding gradient"),
+    "vanishing": ("warning", "Vanishing gradient"),
+    "dead": ("warning", "Dead units"),
+    "saturated": ("warning", "Saturated activations"),
+    "update_small": ("warning", "Update too small"),
+    "update_large": ("error", "Update too large"),
+    "skipped": ("info", "Skipped AMP steps"),
+}
+
+
 def _alerts(root: Path, entries: list[Entry]) -> list[dict[str, Any]]:
+    """Every alert of every saved epoch (each :class:`GradientEpochReport`), worst first."""
     alerts: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: set[tuple[Any, ...]] = set()
     for entry in _of_kind(entries, "alerts"):
-        if Path(str(entry["path"])).suffix.lower() != ".json":
+        if entry.suffix != ".json":
             continue
-        for raw in _alert_items(_read_json(root / str(entry["path"])), entry.get("epoch")):
-            alert = _normalise_alert(raw)
-            fingerprint = json.dumps(
-                [alert["kind"], alert["layer_id"], alert["param"], alert["iteration"], alert["text"]], default=str
+        try:
+            report = GradientEpochReport.from_json(_read_json(root / entry.path))
+        except SchemaError:
+            continue
+        items = [
+            {
+                "kind": a.kind,
+                "layer_id": a.layer_id,
+                "layer_name": a.layer_name,
+                "param": a.param,
+                "epoch": a.epoch,
+                "iteration": a.iteration,
+                "text": a.message,
+            }
+            for a in report.alerts
+        ]
+        if report.skipped_iterations:
+            steps = report.skipped_iterations
+            shown = ", ".join(map(str, steps[:12])) + (" …" if len(steps) > 12 else "")
+            items.append(
+                {
+                    "kind": "skipped",
+                    "layer_id": None,
+                    "layer_name": None,
+                    "param": None,
+                    "epoch": report.epoch,
+                    "iteration": steps[0],
+                    "text": f"{len(steps)} step(s) skipped by the GradScaler: iterations {shown}",
+                }
             )
-            if fingerprint not in seen:
-                seen.add(fingerprint)
-                alerts.append(alert)
+        for item in items:
+            fingerprint = (item["kind"], item["layer_id"], item["param"], item["iteration"], item["text"])
+            if fingerprint in seen:
+                continue
+            seen.add(fingerprint)
+            severity, title = _ALERT_STYLE.get(item["kind"], ("warning", item["kind"].replace("_", " ").capitalize()))
+            alerts.append({**item, "severity": severity, "title": title})
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(alerts, key=lambda a: (order[a["severity"]], _sort_key(a["epoch"]), _sort_key(a["iteration"])))
-
-
-def _alert_items(data: Any, epoch: Any) -> list[dict[str, Any]]:
-    """Alert dictionaries from a per-epoch alerts JSON, whatever its exact layout."""
-    items: list[dict[str, Any]] = []
-    if isinstance(data, list):
-        items = [dict(a) for a in data if isinstance(a, dict)]
-    elif isinstance(data, dict):
-        epoch = data.get("epoch", epoch)
-        for key, value in data.items():
-            if key in ("alerts", "items") and isinstance(value, list):
-                items += [dict(a) for a in value if isinstance(a, dict)]
-            elif key in ("nonfinite", "vanishing", "exploding") and isinstance(value, list):
-                items += [{"kind": key, **a} for a in value if isinstance(a, dict)]
-            elif key in ("skipped", "skipped_steps", "skipped_iterations", "amp_skipped") and value:
-                steps = value if isinstance(value, list) else [value]
-                items.append({"kind": "skipped", "iterations": steps})
-    for item in items:
-        item.setdefault("epoch", epoch)
-    return items
-
-
-def _normalise_alert(raw: dict[str, Any]) -> dict[str, Any]:
-    kind = str(raw.get("kind") or raw.get("type") or "alert").lower()
-    if kind in ("nan", "inf", "non_finite", "non-finite"):
-        kind = "nonfinite"
-    severity = {"nonfinite": "error", "exploding": "error", "vanishing": "warning", "skipped": "info"}.get(
-        kind, "warning"
-    )
-    titles = {
-        "nonfinite": "NaN/Inf gradient",
-        "exploding": "Exploding gradient",
-        "vanishing": "Vanishing gradient",
-        "skipped": "Skipped AMP steps",
-    }
-    detail = raw.get("message") or raw.get("text")
-    if not detail:
-        parts = []
-        value = raw.get("value", raw.get("mean_abs"))
-        if value is not None:
-            parts.append(f"mean |g| = {format_cell(value)}")
-        if raw.get("threshold") is not None:
-            parts.append(f"threshold {format_cell(raw['threshold'])}")
-        if raw.get("count") is not None:
-            parts.append(f"{raw['count']} non-finite entries")
-        steps = raw.get("iterations")
-        if isinstance(steps, list) and steps:
-            shown = ", ".join(map(str, steps[:12])) + (" …" if len(steps) > 12 else "")
-            parts.append(f"{len(steps)} step(s) skipped by the GradScaler: iterations {shown}")
-        detail = "; ".join(parts)
-    iteration = raw.get("iteration", raw.get("first_iteration"))
-    return {
-        "kind": kind,
-        "severity": severity,
-        "title": titles.get(kind, kind.replace("_", " ").capitalize()),
-        "layer_id": raw.get("layer_id"),
-        "layer_name": raw.get("layer_name"),
-        "param": raw.get("param"),
-        "epoch": raw.get("epoch"),
-        "iteration": iteration,
-        "text": str(detail),
-    }
 
 
 def _weights(entries: list[Entry]) -> dict[str, Any]:
@@ -504,10 +498,10 @@ def _features(frames_entries: list[Entry], video_entries: list[Entry]) -> dict[s
             label = f"{tag}" if tag not in (None, "") else f"frame {_label(number)}"
             frames.append({"label": label, "images": [_image(entry, f"{_layer_title(entry)}: {label}")]})
         videos = [
-            {"src": _href(str(e["path"])), "type": _VIDEO_TYPES[Path(str(e["path"])).suffix.lower()]}
+            {"src": _href(e.path), "type": _VIDEO_TYPES[e.suffix]}
             for kind in ("webm", "mp4")
             for e in [_latest(_of_kind(group, kind))]
-            if e is not None and Path(str(e["path"])).suffix.lower() in _VIDEO_TYPES
+            if e is not None and e.suffix in _VIDEO_TYPES
         ]
         sheet = _latest([e for e in _of_kind(group, "contact_sheet") if _is_image(e)])
         if not frames and not videos and sheet is None:
@@ -525,7 +519,7 @@ def _features(frames_entries: list[Entry], video_entries: list[Entry]) -> dict[s
     return {
         "present": bool(frames_entries or video_entries),
         "layers": layers,
-        "data": [_asset(e) for e in video_entries if Path(str(e["path"])).suffix.lower() in _VIDEO_TYPES],
+        "data": [_asset(e) for e in video_entries if e.suffix in _VIDEO_TYPES],
     }
 
 
@@ -533,7 +527,7 @@ def _common_folder(entries: list[Entry]) -> dict[str, str] | None:
     """The folder holding every one of ``entries`` (for a link to many raw arrays)."""
     if not entries:
         return None
-    folder = os.path.commonpath([str(Path(str(e["path"])).parent.as_posix()) for e in entries])
+    folder = os.path.commonpath([str(Path(e.path).parent.as_posix()) for e in entries])
     folder = Path(folder).as_posix()
     return {"href": _href(folder + "/"), "path": folder + "/"} if folder not in ("", ".") else None
 
@@ -557,13 +551,14 @@ def _costs(root: Path, entries: list[Entry]) -> dict[str, Any]:
     by_id: dict[int, dict[str, Any]] = {}
     table = _latest(_of_kind(entries, "csv"))
     if table is not None:
-        for row in _read_csv(root / str(table["path"])):
-            layer_id = _number(row.get("id"))
-            if layer_id is None or math.isnan(layer_id):
+        for raw in _read_csv(root / table.path):
+            try:
+                row = row_from_csv(CostRow, raw)
+            except SchemaError:
                 continue
-            by_id[int(layer_id)] = {k: _number(row.get(k)) for k in _COST_COLUMNS}
+            by_id[row.id] = {k: getattr(row, k) for k in _COST_COLUMNS}
     images = [
-        _image(e, {"flops": "FLOPs per layer", "time": "Forward time per layer"}.get(str(e.get("kind"))))
+        _image(e, {"flops": "FLOPs per layer", "time": "Forward time per layer"}.get(e.kind))
         for kind in ("flops", "time")
         for e in [_latest([x for x in _of_kind(entries, kind) if _is_image(x)])]
         if e is not None
