@@ -110,7 +110,6 @@ class Master_analyzer(
         self._init_activations()
         self._init_updates()
         self._init_weights()
-        self._init_similarity()
         self.events = Events()
         self._exporters = open_exporters(self.events, tensorboard_dir=tensorboard_dir)
         self._write_run_record()

@@ -14,7 +14,7 @@ from torch import nn
 
 from BBDecoder import Master_analyzer
 from BBDecoder.core.hooks import count_module_hooks
-from BBDecoder.errors import BBDecoderTypeError, BBDecoderValueError, LayerSelectionError, SavePathError
+from BBDecoder.errors import BBDecoderTypeError, BBDecoderValueError, LayerSelectionError
 from BBDecoder.plots.features import color_scale, feature_figure, view_for
 
 
@@ -108,7 +108,7 @@ def test_each_call_adds_a_numbered_frame_captioned_and_recorded(cnn: tuple) -> N
     x = torch.randn(1, 3, 8, 8)
     first = a.get_inter_features(x, 2, tag="epoch 1")
     second = a.get_inter_features(x, "relu")
-    folder = a.store.root / "features" / "2_relu"
+    folder = a.store.root / "features" / "002_relu"
     assert first[0] == folder / "frame_0001_epoch_1.png"
     assert second == [folder / "frame_0002.png", folder / "frame_0002.npy"]
     entries = [e for e in manifest(a.store.root) if e["section"] == "features"]
@@ -283,27 +283,42 @@ def test_hostile_layer_names_stay_inside_save_path(tmp_path: Path) -> None:
     written = a.get_inter_features(torch.randn(2, 4), "blocks./etc/passwd")
     for path in written:
         assert (tmp_path / "run") in path.parents
-        assert path.parent.name == "1_blocks._etc_passwd"
+        assert path.parent.name == "001_blocks._etc_passwd"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 # ------------------------------------------------------------------------ paths
-def test_path_is_read_relative_to_save_path_and_may_not_leave_it(cnn: tuple, tmp_path: Path) -> None:
+def test_path_is_read_relative_to_save_path_or_honoured_outside_it(
+    cnn: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, a = cnn
     root = a.store.root
     x = torch.randn(1, 3, 8, 8)
-    picture, _ = a.get_inter_features(x, "relu", path="saves")
-    assert picture.parent == root / "saves" / "2_relu"
+    picture, first_raw = a.get_inter_features(x, "relu", path="saves")
+    assert picture.parent == root / "saves" / "002_relu"
     picture, _ = a.get_inter_features(x, "relu", path=root / "abs")
-    assert picture.parent == root / "abs" / "2_relu"
-    for outside in (tmp_path / "elsewhere", "../elsewhere"):
-        with pytest.raises(SavePathError, match=r"elsewhere.*outside save_path"):
-            a.get_inter_features(x, "relu", path=outside)
-    assert not (tmp_path / "elsewhere").exists()
+    assert picture.parent == root / "abs" / "002_relu"
+    # issue 11.6: a folder outside save_path, absolute or relative to the working directory, is honoured
+    monkeypatch.chdir(root)
+    written = []
+    for outside, where in ((tmp_path / "elsewhere", tmp_path / "elsewhere"), ("../beside", tmp_path / "beside")):
+        picture, raw = a.get_inter_features(x, "relu", path=outside)
+        assert picture.parent == raw.parent == where / "002_relu"
+        assert np.array_equal(np.load(raw), np.load(first_raw))  # the same features, where the user said
+        assert cv2.imread(str(picture)) is not None
+        written += [picture, raw]
+    entries = {e["path"]: e for e in manifest(root)}
+    for path in written:
+        entry = entries[f"../{path.relative_to(tmp_path).as_posix()}"]  # listed in save_path's manifest
+        assert entry["external"] is True and entry["section"] == "features" and entry["layer_name"] == "relu"
+    outside_files = {p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents}
+    assert outside_files == set(written)  # nothing else was written outside save_path
     with pytest.raises(BBDecoderTypeError, match="path must be"):
         a.get_inter_features(x, "relu", path=3)  # type: ignore[arg-type]
-    # frames from every path are numbered as one run
-    assert [f["frame"] for f in a.feature_frames("relu")] == [1, 2]
+    # frames from every path are numbered as one run, and found again wherever they are
+    frames = a.feature_frames("relu")
+    assert [f["frame"] for f in frames] == [1, 2, 3, 4]
+    assert [f["raw"].resolve() for f in frames[2:]] == [written[1], written[3]]
 
 
 def test_a_new_analyzer_on_the_same_save_path_finds_every_frame(tmp_path: Path) -> None:

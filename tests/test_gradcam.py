@@ -320,7 +320,7 @@ def test_files_and_manifest(tmp_path: Path) -> None:
     (saved,) = [e for e in entries if e["kind"] == "maps"]
     assert [(e["sample"], e["target"], e["call"]) for e in overlays] == [(0, 1, 1), (1, 2, 1)]
     assert all(e["layer_id"] == 3 and e["layer_name"] == "layer1" for e in entries)
-    assert saved["target"] == [1, 2] and saved["path"].startswith("gradcam/3_layer1/")
+    assert saved["target"] == [1, 2] and saved["path"].startswith("gradcam/003_layer1/")
     np.testing.assert_array_equal(np.load(tmp_path / saved["path"], allow_pickle=False), maps)
     for entry in overlays:
         picture = matplotlib.image.imread(tmp_path / entry["path"])

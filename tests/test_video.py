@@ -18,7 +18,6 @@ from BBDecoder.errors import (
     BBDecoderValueError,
     BBDecoderWarning,
     LayerSelectionError,
-    SavePathError,
     VideoWriteError,
 )
 from BBDecoder.output import video
@@ -72,7 +71,7 @@ def test_videos_have_one_frame_per_call_and_the_expected_size(probe: Master_anal
     written = probe.compile_feature_evolution("feat", fps=3)
     mp4, webm, sheet = written
     assert (mp4.suffix, webm.suffix, sheet.suffix) == (".mp4", ".webm", ".png")
-    assert mp4.parent == probe.store.root / "features" and mp4.name == "0_feat_evolution.mp4"
+    assert mp4.parent == probe.store.root / "features" / "000_feat" and mp4.name == "evolution_001.mp4"
 
     # expected size: the frame figure at the shared scale, rounded up to even numbers
     arrays = [np.load(f["raw"])[None] for f in probe.feature_frames("feat")]
@@ -130,15 +129,23 @@ def test_frames_of_different_shapes_are_padded_to_one_even_size(probe: Master_an
 def test_formats_and_path(probe: Master_analyzer, tmp_path: Path) -> None:
     probe.get_inter_features(pattern(), "feat")
     written = probe.compile_feature_evolution("feat", path="movies", formats="webm")
-    assert [p.name for p in written] == ["0_feat_evolution.webm", "0_feat_evolution_contact_sheet.png"]
-    assert written[0].parent == probe.store.root / "movies"
+    assert [p.name for p in written] == ["evolution_001.webm", "evolution_001_contact_sheet.png"]
+    assert written[0].parent == probe.store.root / "movies" / "000_feat"  # inside its layer's folder
     with pytest.raises(BBDecoderValueError, match="unknown video format 'avi'"):
         probe.compile_feature_evolution("feat", formats=["avi"])
-    with pytest.raises(SavePathError, match="outside save_path"):
-        probe.compile_feature_evolution("feat", path=tmp_path / "outside")
-    # a second compile never overwrites the first
+    # issue 11.6: a folder outside save_path is honoured, and listed in its manifest
+    outside = probe.compile_feature_evolution("feat", path=tmp_path / "outside", formats="webm")
+    assert [p.relative_to(tmp_path).as_posix() for p in outside] == [
+        "outside/000_feat/evolution_002.webm",
+        "outside/000_feat/evolution_002_contact_sheet.png",
+    ]
+    assert len(read_video(outside[0])) == 1
+    listed = {e["path"]: e for e in probe.store.outputs("video")}
+    assert all(listed[f"../{p.relative_to(tmp_path).as_posix()}"]["external"] is True for p in outside)
+    assert not list((probe.store.root / ".tmp").iterdir())  # the scratch video was moved, not left behind
+    # a later compile never overwrites an earlier one: it gets the next number, never a collision suffix
     again = probe.compile_feature_evolution("feat", path="movies", formats=["webm"])
-    assert again[0].name == "0_feat_evolution-1.webm"
+    assert again[0].name == "evolution_003.webm"
 
 
 # ---------------------------------------------------------------- failures

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,8 +27,7 @@ from ..errors import (
     LayerSelectionError,
     VideoWriteError,
 )
-from ..output import video
-from ..output.store import safe_name
+from ..output import layout, video
 from ..plots.features import ColorScale, color_scale, feature_figure, view_for
 from ._base import AnalyzerBase
 
@@ -76,7 +75,7 @@ class FeatureMixin(AnalyzerBase):
             test_input: the model's input as it takes it (moved to its device): a tensor, a tuple of
                 positional inputs, a dict of keyword inputs, or a list (one positional input).
             layer: the layer's ID or dotted name.
-            path: the folder that receives ``{ID}_{name}/``; default
+            path: the folder that receives ``{ID:03d}_{name}/``; default
                 ``save_path/features``. BBDecoder writes only under ``save_path``: a
                 relative ``path`` is read relative to ``save_path`` (unless, read from the
                 working directory, it already lies inside ``save_path``), and an
@@ -108,7 +107,8 @@ class FeatureMixin(AnalyzerBase):
             )
         indices = _check_dim(dim)
         _check_tag(tag)
-        folder = self._features_folder(path) / f"{target.id}_{safe_name(target.name)}"
+        folder = self._features_folder(path)
+        where = (target.id, target.name)
 
         _, outputs = self._capture(as_call(test_input), [target], "get_inter_features")
         if target.id not in outputs:
@@ -133,7 +133,10 @@ class FeatureMixin(AnalyzerBase):
             return []
 
         frame = self._next_frame(target)
-        stem = self._free_stem(folder, f"frame_{frame:04d}" + (f"_{safe_name(str(tag))}" if tag is not None else ""))
+        tag_text = None if tag is None else str(tag)
+        planned = layout.relative_path(FEATURES_SECTION, "raw", folder=folder, layer=where, frame=frame, tag=tag_text)
+        raw_rel = self._free_name(planned)
+        picture_rel = str(PurePosixPath(raw_rel).with_suffix(".png"))
         meta = {
             "layer_id": target.id,
             "layer_name": target.name,
@@ -144,14 +147,13 @@ class FeatureMixin(AnalyzerBase):
             "all_samples": bool(all_samples),
             "channels": channels,
         }
-        raw_rel = (folder / f"{stem}.npy").as_posix()
         raw_path = self.store.write_npy(
             raw_rel, raw, section=FEATURES_SECTION, meta={**meta, "kind": "raw", "raw": raw_rel}
         )
         figure = self._feature_figure(target, raw if all_samples else raw[None], meta, scale=None, dpi=100)
         picture = self.store.save_figure(
             figure,
-            folder / f"{stem}.png",
+            picture_rel,
             section=FEATURES_SECTION,
             meta={**meta, "kind": "picture", "raw": self.store.relative(raw_path) if raw_path else raw_rel},
         )
@@ -240,10 +242,15 @@ class FeatureMixin(AnalyzerBase):
                 file.unlink(missing_ok=True)
             raise
 
-        stem = f"{target.id}_{safe_name(target.name)}_evolution"
+        call = layout.next_number(self.store, VIDEO_SECTION, layer_name=target.name)
+
+        def where(kind: str) -> str:
+            return layout.relative_path(VIDEO_SECTION, kind, folder=folder, layer=(target.id, target.name), call=call)
+
         base = {
             "layer_id": target.id,
             "layer_name": target.name,
+            "call": call,
             "frames": len(frames),
             "fps": rate,
             "vmin": scale.vmin,
@@ -254,7 +261,7 @@ class FeatureMixin(AnalyzerBase):
         for file, name in scratch:
             final = self.store.adopt(
                 file,
-                folder / f"{stem}{video.CODECS[name][0]}",
+                where(name),
                 section=VIDEO_SECTION,
                 meta={
                     **base,
@@ -264,7 +271,7 @@ class FeatureMixin(AnalyzerBase):
             if final is not None:
                 written.append(final)
         sheet = self.store.write_bytes(
-            folder / f"{stem}_contact_sheet.png",
+            where("contact_sheet"),
             video.png_bytes(video.contact_sheet(frames, max_tiles=CONTACT_SHEET_MAX)),
             section=VIDEO_SECTION,
             meta={**base, "kind": "contact_sheet", "frames": len(video.spread(len(frames), CONTACT_SHEET_MAX))},
@@ -310,13 +317,18 @@ class FeatureMixin(AnalyzerBase):
         """``path`` as a folder relative to ``save_path`` (see ``get_inter_features``)."""
         return self.store.subfolder(path, "path", default=DEFAULT_FOLDER)
 
-    def _free_stem(self, folder: Path, stem: str) -> str:
-        """``stem``, or ``stem-1``, ``stem-2``… so that neither its ``.npy`` nor ``.png`` exists yet."""
-        candidate, counter = stem, 0
-        while any((self.store.root / folder / f"{candidate}{suffix}").exists() for suffix in (".npy", ".png")):
+    def _free_name(self, relative: str) -> str:
+        """``relative`` (a ``.npy``), or ``…-1.npy``… so that neither it nor its ``.png`` exists yet.
+
+        Frame numbers come from the manifest; this only matters when two processes record
+        the same layer at once.
+        """
+        path = PurePosixPath(relative)
+        candidate, counter = path, 0
+        while any((self.store.root / candidate.with_suffix(s)).exists() for s in (".npy", ".png")):
             counter += 1
-            candidate = f"{stem}-{counter}"
-        return candidate
+            candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+        return candidate.as_posix()
 
     def _frame_entries(self, target: Layer, *, kind: str) -> list[dict[str, Any]]:
         entries = [
@@ -327,7 +339,7 @@ class FeatureMixin(AnalyzerBase):
         return sorted(entries, key=lambda e: (int(e.get("frame") or 0), str(e.get("time", ""))))
 
     def _next_frame(self, target: Layer) -> int:
-        return self.store.next_number(FEATURES_SECTION, "frame", kind="raw", layer_name=target.name)
+        return layout.next_number(self.store, FEATURES_SECTION, kind="raw", layer_name=target.name)
 
     def _feature_figure(
         self,

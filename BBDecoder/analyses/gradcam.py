@@ -23,7 +23,7 @@ from ..core.layers import Layer
 from ..core.model import first_tensor
 from ..core.tree import as_call, batch_size, tensors
 from ..errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning
-from ..output.store import safe_name
+from ..output import layout
 from ._base import AnalyzerBase
 
 SECTION = "gradcam"
@@ -204,11 +204,14 @@ class GradCamMixin(AnalyzerBase):
     ) -> None:
         from ..plots.gradcam import display_image, gradcam_figure
 
-        call = self.store.next_number(SECTION)
-        folder = f"{SECTION}/{layer.id}_{safe_name(layer.name)}"
+        call = layout.next_number(self.store, SECTION)
+
+        def where(kind: str, **fields: Any) -> str:
+            return layout.relative_path(SECTION, kind, layer=(layer.id, layer.name), call=call, **fields)
+
         base = {"call": call, "layer_id": layer.id, "layer_name": layer.name}
         self.store.write_npy(
-            f"{folder}/call{call:03d}_maps.npy",
+            where("maps"),
             result.maps,
             section=SECTION,
             meta={**base, "sample": None, "kind": "maps", "target": list(result.targets)},
@@ -227,13 +230,13 @@ class GradCamMixin(AnalyzerBase):
             figure = gradcam_figure(image, result.maps[i], title=title)
             self.store.save_figure(
                 figure,
-                f"{folder}/call{call:03d}_sample{i:03d}_class{target}.png",
+                where("overlay", sample=i, target=target),
                 section=SECTION,
                 meta={**base, "sample": i, "kind": "overlay", "target": target},
             )
         self._say(
             f"grad_cam: layer {layer.id} {layer.name!r}, {len(result.targets)} sample(s), classes "
-            f"{result.targets} → {folder}/"
+            f"{result.targets} → {layout.relative_path(SECTION, 'maps', layer=(layer.id, layer.name), call=call)}"
         )
 
 

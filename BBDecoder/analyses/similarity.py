@@ -26,6 +26,8 @@ from ..core.layers import Layer, Selector
 from ..core.model import accumulator_dtype, first_tensor
 from ..core.tree import as_call
 from ..errors import BBDecoderTypeError, BBDecoderValueError
+from ..output import layout
+from ..output.schema import SIMILARITY_CSV_HEADER
 from ..output.store import now_iso
 from ..summary import printable
 from ._base import AnalyzerBase
@@ -36,10 +38,10 @@ SIM_METHODS = ("cosine", "abs_cosine", "kl_divergence")
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
 """Largest number of float64 elements one working block holds (128 MiB)."""
 
-SIM_FOLDER = "similarity"
-SIM_CSV = f"{SIM_FOLDER}/similarity.csv"
-SIM_TREND = f"{SIM_FOLDER}/trend.png"
-CSV_COLUMNS = ("call", "time", "method", "dim", "layer_id", "layer_name", "value", "samples", "slices", "slice_size")
+SECTION = "similarity"
+SIM_CSV = layout.relative_path(SECTION, "csv")
+SIM_TREND = layout.relative_path(SECTION, "trend")
+CSV_COLUMNS = SIMILARITY_CSV_HEADER
 
 _EPS = 1e-12
 _LABELS = {"cosine": "mean cosine", "abs_cosine": "mean |cosine|", "kl_divergence": "mean KL"}
@@ -226,8 +228,8 @@ class SimilarityMixin(AnalyzerBase):
     Outputs under ``save_path/similarity/``:
 
     - ``similarity.csv``: one row per layer per call (``CSV_COLUMNS``). It is cumulative:
-      each call rewrites the whole file under this fixed name with every earlier row (those
-      already on disk included, so a new process on the same folder continues it);
+      each call appends its rows under the folder's lock (a new process on the same folder,
+      or a second process writing at the same time, continues it and loses nothing);
     - ``bar_call{k:03d}.png``: the values of call ``k``, one bar per layer;
     - ``trend.png``: every call so far, one line per layer (redrawn in place each call;
       its numbers are the CSV's).
@@ -235,13 +237,6 @@ class SimilarityMixin(AnalyzerBase):
     Manifest section ``"similarity"``, meta ``{"call", "kind": "bar" | "trend" | "csv"}``;
     the two fixed-name files get one entry each, when first written.
     """
-
-    _sim_rows: list[dict[str, str]] | None
-    _sim_calls: int
-
-    def _init_similarity(self) -> None:
-        self._sim_rows = None  # read lazily from an existing similarity.csv
-        self._sim_calls = 0
 
     def get_sim(
         self,
@@ -324,16 +319,12 @@ class SimilarityMixin(AnalyzerBase):
         return features
 
     def _sim_history(self) -> list[dict[str, str]]:
-        """Rows of earlier calls: this process's, or those in an existing CSV."""
-        if self._sim_rows is None:
-            self._sim_rows = []
-            path = self.store.root / SIM_CSV
-            if path.is_file():
-                with open(path, newline="", encoding="utf-8") as stream:
-                    self._sim_rows = [dict(row) for row in csv.DictReader(stream)]
-            calls = [_as_int(row.get("call")) for row in self._sim_rows]
-            self._sim_calls = max([c for c in calls if c is not None], default=0)
-        return self._sim_rows
+        """Every row of ``similarity.csv`` as on disk: every call, earlier and other processes' too."""
+        path = self.store.root / SIM_CSV
+        if not path.is_file():
+            return []
+        with open(path, newline="", encoding="utf-8") as stream:
+            return [dict(row) for row in csv.DictReader(stream)]
 
     def _sim_record(
         self,
@@ -345,46 +336,28 @@ class SimilarityMixin(AnalyzerBase):
     ) -> None:
         from ..plots.similarity import similarity_bar_figure, similarity_trend_figure
 
-        history = self._sim_history()
-        self._sim_calls += 1
-        call = self._sim_calls
+        call = layout.next_number(self.store, SECTION)
         stamp = now_iso()
         dim = shapes[0][0] if len({s[0] for s in shapes}) == 1 else "mixed"
-        for layer, (axis, slices, size), count in zip(layers, shapes, samples, strict=True):
-            row = {
-                "call": call,
-                "time": stamp,
-                "method": method,
-                "dim": axis,
-                "layer_id": layer.id,
-                "layer_name": layer.name,
-                "value": repr(values[layer.id]),
-                "samples": count,
-                "slices": slices,
-                "slice_size": size,
-            }
-            history.append({k: str(v) for k, v in row.items()})
+        rows = [
+            # the value in full (repr): the CSV is the record of the call
+            [call, stamp, method, axis, layer.id, layer.name, repr(values[layer.id]), count, slices, size]
+            for layer, (axis, slices, size), count in zip(layers, shapes, samples, strict=True)
+        ]
         self._say(_format_values(layers, values, method, call, dim, samples[0]))
 
         labels = [f"{layer.id} {printable(layer.name)}" for layer in layers]
         bar = similarity_bar_figure(labels, [values[layer.id] for layer in layers], method, dim, call)
         self.store.save_figure(
-            bar, f"{SIM_FOLDER}/bar_call{call:03d}.png", section="similarity", meta={"call": call, "kind": "bar"}
+            bar, layout.relative_path(SECTION, "bar", call=call), section=SECTION, meta={"call": call, "kind": "bar"}
         )
-        # the two cumulative files are rewritten in place; each keeps the manifest entry of its first write
-        self.store.write_csv(
-            SIM_CSV,
-            CSV_COLUMNS,
-            [[r.get(c, "") for c in CSV_COLUMNS] for r in history],
-            overwrite=True,
-            section="similarity",
-            meta={"call": call, "kind": "csv"},
-        )
+        # cumulative: rows are appended (never lost to another process), the trend is redrawn in place
+        self.store.append_csv(SIM_CSV, CSV_COLUMNS, rows, section=SECTION, meta={"call": call, "kind": "csv"})
         self.store.save_figure(
-            similarity_trend_figure(_trend_series(history)),
+            similarity_trend_figure(_trend_series(self._sim_history())),
             SIM_TREND,
             overwrite=True,
-            section="similarity",
+            section=SECTION,
             meta={"call": call, "kind": "trend"},
         )
 

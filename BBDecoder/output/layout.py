@@ -180,9 +180,9 @@ def file_name(section: str, kind: str, **fields: Any) -> str:
         KeyError: an unknown section or kind (a programming error, not user input).
     """
     pattern = SECTIONS[section].files[kind]
-    values = {"page": "", "tag": "", **fields}
-    if values["tag"]:
-        values["tag"] = f"_{safe_name(str(values['tag']))}"
+    values = {"page": "", **fields}
+    tag = values.get("tag")
+    values["tag"] = "" if tag in (None, "") else f"_{safe_name(str(tag))}"
     return pattern.format(**values)
 
 
