@@ -56,16 +56,19 @@ def history_entry(data: EpochData, norms: dict[tuple[int, str], tuple[np.ndarray
 def load_history(store: Store) -> list[LayerHistory]:
     """Every epoch saved in ``save_path`` so far, oldest first (what a resumed run continues).
 
-    Reads each epoch's ``layers.npz``. A folder written by release 0.1.0 has none; there
-    the newest ``heatmap.npz`` (which held every epoch up to it) is read instead.
+    Reads each epoch's ``layers.npz``; in a folder written by release 0.1.0, first the newest
+    ``heatmap.npz`` (which held every epoch up to it).
     """
     saved = manifest_entries(store.outputs(SECTION))
-    entries = [e for e in saved if e.kind == "layers"]
-    history = [h for h in (_read_layers(store, e.path) for e in entries) if h is not None]
-    if not entries:
-        old = [e for e in saved if e.kind == "heatmap" and e.suffix == ".npz"]
-        if old:
-            history = _read_old_heatmap(store, max(old, key=lambda e: (e.get("epoch", -1), e.time)).path)
+    history: list[LayerHistory] = []
+    old = [e for e in saved if e.kind == "heatmap" and e.suffix == ".npz"]
+    if old:  # written by 0.1.0: its newest cumulative heatmap holds every epoch up to it
+        history = _read_old_heatmap(store, old[-1].path)
+    for entry in saved:
+        if entry.kind == "layers":
+            item = _read_layers(store, entry.path)
+            if item is not None:
+                history.append(item)
     latest: dict[int, LayerHistory] = {}
     for item in history:  # a re-saved epoch number: the newest save wins
         latest[item.epoch] = item
