@@ -9,6 +9,7 @@ hooks (they fail with in-place ReLU, pytorch#61519) and no ``.grad`` ever writte
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,8 +81,10 @@ class GradCamMixin(AnalyzerBase):
                 segmentation outputs ``(N, C, H, W)`` (where the top class is the one with
                 the highest mean score).
             reshape_transform: maps the layer's output (and its gradient) to
-                ``(N, C, H, W)``, e.g. ViT tokens ``(N, T, D)`` to a ``(N, D, h, w)``
-                grid.
+                ``(N, C, H, W)``, as in pytorch-grad-cam. Without one, a token output
+                ``(N, T, D)`` whose ``T`` or ``T - 1`` is a perfect square is reshaped
+                automatically to ``(N, D, h, w)``, the class token (first) dropped. A map
+                that comes out zero everywhere warns and says why.
 
         Returns:
             ``(N, H, W)`` float32 maps, each min–max scaled to [0, 1] (all zeros where the
@@ -183,8 +186,11 @@ class GradCamMixin(AnalyzerBase):
         if gradient is None:
             raise BBDecoderValueError(f"the model's output does not depend on {where}: no gradient reaches it")
         values, gradient = activation.detach(), gradient.detach()
+        tokens = reshape_transform is None and values.ndim == 3 and token_grid(values.shape[1]) is not None
         if reshape_transform is not None:
             values, gradient = _reshaped(reshape_transform, values), _reshaped(reshape_transform, gradient)
+        elif tokens:
+            values, gradient = tokens_to_grid(values), tokens_to_grid(gradient)
         if values.ndim != 4 or values.shape[0] != n:
             hint = "" if reshape_transform is not None else "; pass reshape_transform to map it to (N, C, H, W)"
             raise BBDecoderValueError(
@@ -192,6 +198,7 @@ class GradCamMixin(AnalyzerBase):
             )
         weights = gradient.float().mean(dim=(2, 3), keepdim=True)
         cams = torch.relu((weights * values.float()).sum(dim=1, keepdim=True))
+        _warn_if_zero(cams, gradient, where, tokens=tokens)
         size = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else tuple(cams.shape[-2:])
         if tuple(cams.shape[-2:]) != size:
             cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
@@ -296,6 +303,49 @@ def _resolve_targets(target: list[int] | int | None, class_scores: torch.Tensor)
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def token_grid(tokens: int) -> tuple[int, int] | None:
+    """``(skip, side)`` when ``tokens`` are a square grid, after ``skip`` leading class tokens (0 or 1)."""
+    for skip in (1, 0):  # a class token first (ViT, DeiT, BEiT), then a plain grid (Swin stages, MLP-Mixer)
+        side = math.isqrt(tokens - skip) if tokens > skip else 0
+        if side > 1 and side * side == tokens - skip:
+            return skip, side
+    return None
+
+
+def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """``(N, T, D)`` transformer tokens as an ``(N, D, h, w)`` map, the class token (if any) dropped."""
+    grid = token_grid(tokens.shape[1])
+    if grid is None:
+        raise BBDecoderValueError(f"{tokens.shape[1]} tokens are not a square grid (with or without a class token)")
+    skip, side = grid
+    return tokens[:, skip:].reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def _warn_if_zero(cams: torch.Tensor, gradient: torch.Tensor, where: str, *, tokens: bool) -> None:
+    """Warn when a map is zero everywhere, and say why (the maps are then returned as zeros)."""
+    zero = (cams.flatten(1).amax(dim=1) <= 0).tolist()
+    if not any(zero):
+        return
+    samples = [i for i, z in enumerate(zero) if z]
+    if not bool(gradient.any()):
+        why = (
+            "no gradient reaches its spatial positions"
+            + (
+                ": the class token alone reaches the head from this layer (e.g. a ViT's final norm, whose "
+                "class token the classifier reads); pick an earlier block, e.g. the last encoder block's first norm"
+                if tokens
+                else "; pick a layer whose positions the output depends on"
+            )
+        )
+    else:
+        why = "every position's weighted activation is negative, and Grad-CAM keeps only the positive part"
+    warnings.warn(
+        f"grad_cam: the map of {where} is zero everywhere for sample(s) {samples[:8]}: {why}",
+        BBDecoderWarning,
+        stacklevel=4,
+    )
 
 
 def _reshaped(transform: ReshapeTransform, tensor: torch.Tensor) -> torch.Tensor:
