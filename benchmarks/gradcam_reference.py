@@ -8,9 +8,12 @@ environment::
     /tmp/gcvenv/bin/pip install torch torchvision grad-cam
     PYTHONPATH=. /tmp/gcvenv/bin/python benchmarks/gradcam_reference.py
 
-It builds a ResNet-18 (random weights, seeded; its ReLUs are in-place), computes Grad-CAM
+It builds a ResNet-18 (random weights, seeded; its ReLUs are in-place) and a ViT-B/16-shaped
+vision transformer (torchvision's ``vit_b_16`` at 2 blocks, 64×64 input), computes Grad-CAM
 with both libraries on the same layers and targets, and prints the Pearson correlation of
-each pair of maps. The acceptance bar is a correlation of at least 0.99 for every map.
+each pair of maps. For the ViT, pytorch-grad-cam gets the usual reshape transform (drop the
+class token, tokens to a grid) while BBDecoder reshapes the tokens on its own. The
+acceptance bar is a correlation of at least 0.99 for every map.
 """
 
 from __future__ import annotations
@@ -63,21 +66,44 @@ def main() -> int:
     print(f"torch {torch.__version__}; ResNet-18, input {list(x.shape)}")
 
     worst = 1.0
+
+    def compare(analyzer: Master_analyzer, net: torch.nn.Module, name: str, images: torch.Tensor, **kw: object) -> None:
+        nonlocal worst
+        classes = 10
+        for label, targets in (("top class", None), ("chosen", [i % classes for i in range(3, 3 + len(images))])):
+            ours = analyzer.grad_cam(name, images, targets)
+            with GradCAM(model=net, target_layers=[net.get_submodule(name)], **kw) as reference:
+                wanted = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
+                theirs = reference(input_tensor=images, targets=wanted)
+            values = [correlation(a, b) for a, b in zip(ours, theirs, strict=True)]
+            difference = float(np.abs(ours - theirs).max())
+            worst = min(worst, *values)
+            print(
+                f"{name:28s} {label:9s} correlation min {min(values):.8f} mean {np.mean(values):.8f}; "
+                f"max |difference| {difference:.2e}"
+            )
+
     with tempfile.TemporaryDirectory() as folder:
         analyzer = Master_analyzer(model, folder, verbose=False)
         for layer in ("layer2", "layer3", "layer4"):
-            for label, targets in (("top class", None), ("chosen", [i % 10 for i in range(3, 3 + args.samples)])):
-                ours = analyzer.grad_cam(layer, x, targets)
-                with GradCAM(model=model, target_layers=[getattr(model, layer)]) as reference:
-                    wanted = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
-                    theirs = reference(input_tensor=x, targets=wanted)
-                values = [correlation(a, b) for a, b in zip(ours, theirs, strict=True)]
-                difference = float(np.abs(ours - theirs).max())
-                worst = min(worst, *values)
-                print(
-                    f"{layer:7s} {label:9s} correlation min {min(values):.8f} mean {np.mean(values):.8f}; "
-                    f"max |difference| {difference:.2e}"
-                )
+            compare(analyzer, model, layer, x)
+        analyzer.close()
+
+    from torchvision.models import vit_b_16
+
+    torch.manual_seed(args.seed)
+    vit = vit_b_16(weights=None, num_classes=10, image_size=64, num_layers=2).eval()
+    images = smooth_images(args.samples, 64, args.seed)
+    side = 64 // 16
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:  # pytorch-grad-cam's documented ViT transform
+        return tokens[:, 1:, :].reshape(tokens.size(0), side, side, tokens.size(2)).permute(0, 3, 1, 2)
+
+    print(f"ViT-B/16 shape at 2 blocks, input {list(images.shape)}")
+    with tempfile.TemporaryDirectory() as folder:
+        analyzer = Master_analyzer(vit, folder, depth=4, verbose=False)
+        for block in ("encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_1.ln_1"):
+            compare(analyzer, vit, block, images, reshape_transform=reshape)
         analyzer.close()
     verdict = "PASS" if worst >= 0.99 else "FAIL"
     print(f"lowest correlation {worst:.8f}: {verdict} (bar: 0.99)")
