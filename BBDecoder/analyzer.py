@@ -20,7 +20,7 @@ from .analyses.gradients import GradientMixin
 from .analyses.similarity import SimilarityMixin
 from .analyses.updates import UpdateMixin
 from .analyses.weights import WeightMixin
-from .core import distributed
+from .core import checks, distributed
 from .core.events import Events
 from .core.hooks import HookRegistry
 from .core.layers import LayerTable, Selector, count_parameters, unwrap_model
@@ -97,7 +97,7 @@ class Master_analyzer(
         self.input_size = validate_input_size(input_size)
         self._call_spec = _call_spec(self.input_size, input_dtype, example_input)
         self.layers = LayerTable(self.inner, depth)
-        self.verbose = bool(verbose)
+        self.verbose = checks.flag(verbose, "verbose")
         self.store = Store(save_path)
         self.hooks = HookRegistry()
         self._output_shapes: dict[int, Any] = {}
@@ -184,6 +184,7 @@ class Master_analyzer(
         Args:
             costs: also add the columns of :meth:`layer_costs` (one extra measured pass).
         """
+        costs = checks.flag(costs, "costs")
         if not self._output_shapes and not self._shapes_failed:
             self._fill_output_shapes("summary")
         rows = [

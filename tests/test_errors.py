@@ -95,7 +95,7 @@ def test_model_rejecting_input_names_call_and_layer(tmp_path: Path) -> None:
     with pytest.raises(
         ModelForwardError, match=r"get_sim: the model's forward pass raised RuntimeError inside layer 1 'second'"
     ) as info:
-        wm._capture(torch.randn(2, 5), list(wm.layers), "get_sim")
+        wm._capture(((torch.randn(2, 5),), {}), list(wm.layers), "get_sim")
     assert isinstance(info.value.__cause__, RuntimeError) and isinstance(info.value, RuntimeError)
 
 

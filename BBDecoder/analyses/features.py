@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..core import checks
 from ..core.layers import Layer
 from ..core.model import first_tensor
 from ..core.tree import as_call
@@ -107,6 +108,7 @@ class FeatureMixin(AnalyzerBase):
             )
         indices = _check_dim(dim)
         _check_tag(tag)
+        all_samples = checks.flag(all_samples, "all_samples")
         folder = self._features_folder(path)
         where = (target.id, target.name)
 

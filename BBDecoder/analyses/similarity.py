@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..core import distributed
+from ..core import checks, distributed
 from ..core.layers import Layer, Selector
 from ..core.model import accumulator_dtype, first_tensor
 from ..core.tree import as_call
@@ -285,6 +285,7 @@ class SimilarityMixin(AnalyzerBase):
         sums, counts, shapes = [], [], []
         for layer in layers:
             features = self._sim_features(layer, captured, output_key)
+            checks.batch_not_empty(features, f"x (the output of layer {layer.id} {layer.name!r})")
             axis = normalize_dim(dim, features.shape, f"the output of layer {layer.id} {layer.name!r}")
             per_sample = slice_similarity(features, axis, method)
             sums.append(per_sample.sum())

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelForwardError
+from . import checks
 from .hooks import HookRegistry
 from .layers import Layer
 from .model import eval_mode
@@ -51,6 +52,7 @@ class HookedRun:
         """
         self.captured.clear()
         self.running.clear()
+        checks.model_inputs(tuple(args), dict(kwargs or {}), f"{self.call}'s input")
         args = to_device(tuple(args), self.device)
         kwargs = to_device(dict(kwargs or {}), self.device)
         try:

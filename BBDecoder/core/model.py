@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import BBDecoderTypeError, BBDecoderValueError
+from . import checks
 from .distributed import reshard_fsdp
 from .tree import CallSpec, TensorSpec, tensors
 
@@ -81,10 +83,19 @@ def validate_input_size(input_size: Any) -> list[Any] | None:
             and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
         )
 
+    shapes = None
     if is_shape(input_size):
-        return [int(d) for d in input_size]
-    if isinstance(input_size, (list, tuple)) and input_size and all(is_shape(s) for s in input_size):
-        return [[int(d) for d in s] for s in input_size]
+        shapes = [[int(d) for d in input_size]]
+    elif isinstance(input_size, (list, tuple)) and input_size and all(is_shape(s) for s in input_size):
+        shapes = [[int(d) for d in s] for s in input_size]
+    if shapes is not None:
+        elements = sum(math.prod(s) for s in shapes)
+        if elements > checks.LIMITS["input_elements"]:
+            raise BBDecoderValueError(
+                f"input_size={input_size!r} asks for {elements:,} elements of zeros (over "
+                f"{checks.LIMITS['input_elements']:,}); give the shape of one small batch, e.g. [1, 3, 224, 224]"
+            )
+        return shapes[0] if is_shape(input_size) else shapes
     raise BBDecoderValueError(
         f"input_size must be a shape such as [1, 3, 32, 32] (positive ints) or a list of shapes; got {input_size!r}"
     )

@@ -18,18 +18,15 @@ once and marked as tied.
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ...core import distributed
+from ...core import checks, distributed
 from ...core.layers import ROOT_NAME, Selector
 from ...errors import (
     BBDecoderError,
@@ -50,8 +47,6 @@ from .recorder import Plan, Recorder, owned_parameters, scale_of, selection_key,
 CSV_HEADER = GRADIENT_CSV_HEADER
 SECTION = save.SECTION
 _BACKWARD_KEYWORDS = ("gradient", "retain_graph", "create_graph", "inputs")
-MAX_EPOCH = 10**9
-"""Largest epoch number ``save_collected_grads`` takes (file names and arrays stay ordinary)."""
 
 
 @dataclass
@@ -422,40 +417,35 @@ def _check_loss(loss: Any, backward_kwargs: dict[str, Any] | None = None) -> Non
             f"its own are collect_grads, layer_inds, scaler, collect_every, include_bias, and loss.backward "
             f"accepts {', '.join(_BACKWARD_KEYWORDS)}"
         )
-    if loss.numel() != 1 and kwargs.get("gradient") is None:
+    if loss.is_complex() or not loss.is_floating_point():
+        raise BBDecoderTypeError(f"loss must be a real floating tensor, got dtype {loss.dtype}")
+    gradient = kwargs.get("gradient")
+    if loss.numel() != 1 and gradient is None:
         raise BBDecoderValueError(
             f"loss must be a scalar (one element) unless gradient= is given; got a tensor of shape {tuple(loss.shape)}"
         )
+    if gradient is not None and (not isinstance(gradient, torch.Tensor) or gradient.shape != loss.shape):
+        shape = tuple(gradient.shape) if isinstance(gradient, torch.Tensor) else type(gradient).__name__
+        raise BBDecoderValueError(f"gradient must be a tensor of the loss's shape {tuple(loss.shape)}, got {shape}")
+    inputs = kwargs.get("inputs")
+    if inputs is not None and isinstance(inputs, (list, tuple)) and not inputs:
+        raise BBDecoderValueError("inputs=[] names no tensor to accumulate gradients into; leave it None for all")
 
 
 def _check_flag(value: Any, name: str) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise BBDecoderTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return checks.flag(value, name)
 
 
 def _check_every(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise BBDecoderTypeError(f"collect_every must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise BBDecoderValueError(f"collect_every must be at least 1 (1 records every call), got collect_every={value}")
-    return int(value)
+    return checks.integer(value, "collect_every", low=1, meaning="1 records every call")
 
 
 def _check_epoch(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise BBDecoderTypeError(f"ep must be an int epoch number, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise BBDecoderValueError(f"ep must be a non-negative epoch number, got ep={value}")
-    return int(value)
+    return checks.integer(value, "ep", low=0, meaning="the epoch number")
 
 
 def _check_threshold(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BBDecoderTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not value >= 0 or not math.isfinite(float(value)):
-        raise BBDecoderValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
-    return float(value)
+    return checks.real(value, name, low=0.0)
 
 
 def _check_scaler(scaler: Any) -> None:
