@@ -1,6 +1,6 @@
 """Gradient statistics of a Lightning run: one callback, no change to the LightningModule.
 
-    python examples/lightning_train.py --epochs 3 --out runs/lightning
+    python examples/lightning_train.py --epochs 2 --out runs/lightning
 
 A small CNN learns BBDecoder's procedurally drawn shapes (nothing is downloaded) with
 gradient accumulation and clipping; ``BBDecoderCallback`` records every layer's gradient
@@ -50,8 +50,8 @@ class ShapesModule(L.LightningModule):
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/lightning", help="save_path of the analyzer")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=256)
     args = parser.parse_args(argv)
 
     started = time.perf_counter()

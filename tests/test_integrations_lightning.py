@@ -3,6 +3,8 @@
 Each fit trains a tiny CNN for 2 epochs on random data on the CPU. A second, test-only
 callback copies every ``.grad`` in float64 at the same event (``on_before_optimizer_step``)
 and the saved CSV rows are checked against statistics computed from those copies.
+Figures are written as a 1-pixel PNG without drawing (drawing is most of a save's time on
+a small CPU; the numbers do not depend on it); the slow example test draws them for real.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning.pytorch")
+import cv2  # noqa: E402
+import matplotlib.figure  # noqa: E402
+import numpy as np  # noqa: E402
 
 from BBDecoder.core.hooks import count_module_hooks  # noqa: E402
 from BBDecoder.errors import BBDecoderTypeError, BBDecoderValueError  # noqa: E402
 from BBDecoder.integrations.lightning import BBDecoderCallback  # noqa: E402
+from BBDecoder.kernels import gradstats  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLES, BATCH = 32, 8  # 4 optimizer steps per epoch without accumulation
@@ -132,6 +140,28 @@ def fit(tmp_path: Path, module: TinyModule | None = None, **kwargs: Any) -> tupl
     return callback, snapshot, module, out
 
 
+@pytest.fixture(autouse=True)
+def _eager_statistics() -> Iterator[None]:
+    """Eager gradient statistics: compiling the kernel takes tens of seconds on a small CPU."""
+    previous = gradstats.set_backend("eager")
+    yield
+    gradstats.set_backend(previous)
+
+
+@pytest.fixture(autouse=True)
+def _quick_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    png = cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))[1].tobytes()
+
+    def savefig(self: Any, fname: Any, *args: Any, **kwargs: Any) -> None:
+        data = b"<svg xmlns='http://www.w3.org/2000/svg'/>" if kwargs.get("format") == "svg" else png
+        if hasattr(fname, "write"):
+            fname.write(data)
+        else:
+            Path(fname).write_bytes(data)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+
+
 # ------------------------------------------------------------------------------ tests
 def test_every_optimizer_step_is_recorded_before_clipping(tmp_path: Path) -> None:
     callback, snapshot, module, out = fit(tmp_path, gradient_clip_val=1e-3, callback={"depth": 2})
@@ -194,8 +224,8 @@ def test_bad_arguments_fail_at_construction_or_fit_start(tmp_path: Path) -> None
         BBDecoderCallback(tmp_path, collect_every=0)
     with pytest.raises(BBDecoderTypeError, match="collect_every must be a positive int"):
         BBDecoderCallback(tmp_path, collect_every=1.5)
-    with pytest.raises(BBDecoderValueError, match="save_path cannot be passed"):
-        BBDecoderCallback(tmp_path, save_path="elsewhere")
+    with pytest.raises(BBDecoderValueError, match="model cannot be passed"):
+        BBDecoderCallback(tmp_path, model=nn.Linear(2, 2))
     module = TinyModule()
     hooks = count_module_hooks(module)
     with pytest.raises(ValueError, match="nope"):  # an unknown layer name: raised at fit start, not mid-epoch
@@ -209,6 +239,48 @@ def test_example_script_writes_a_report(tmp_path: Path) -> None:
     example = importlib.util.module_from_spec(spec)
     sys.modules.pop("lightning_train", None)
     spec.loader.exec_module(example)
-    report = example.main(["--out", str(tmp_path / "out"), "--epochs", "2"])
+    report = example.main(["--out", str(tmp_path / "out"), "--epochs", "2", "--samples", "128"])
     assert report == tmp_path / "out" / "report.html" and report.is_file()
     assert len(read_rows(tmp_path / "out", 1)) > 0
+
+
+@pytest.mark.slow
+def test_example_runs_as_a_script(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "lightning_train.py"), "--out", str(tmp_path / "out"), "--epochs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "report.html").is_file() and "open the report" in done.stdout
+    assert cv2.imread(str(tmp_path / "out" / "gradients" / "epoch_001_flow.png")).shape[0] > 100  # drawn for real
+
+
+class SavedSnapshot(GradSnapshot):
+    """A snapshot that rank 0 also saves to ``path`` (the fit runs in worker processes)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_rank == 0:
+            torch.save(self.steps, self.path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_every_rank_collects_and_rank_0_writes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    out, saved = tmp_path / "run", tmp_path / "grads.pt"
+    module = TinyModule()
+    run = trainer([BBDecoderCallback(out), SavedSnapshot(saved)], strategy="ddp_fork", devices=2)
+    run.fit(module, loader())
+    steps = torch.load(saved)
+    assert sorted(steps) == [0, 1, 2, 3]  # 4 batches an epoch split over 2 ranks: 2 steps an epoch
+    assert check_rows(read_rows(out, 0), steps) == {0, 1}  # DDP's averaged gradients, as on every rank
+    assert check_rows(read_rows(out, 1), steps) == {2, 3}
+    assert (out / "report.html").is_file()
+    assert not list(out.rglob("*-1.*"))  # one writer: no name was taken twice

@@ -38,13 +38,13 @@ class _TrainingRun:
         layer_inds: layers whose gradient statistics are recorded (``None``: all).
         collect_every: record every k-th optimizer step (steps ``0, k, 2k…``).
         depth: the analyzer's layer-numbering depth.
-        weight_hist: also save weight histograms of every layer with parameters at each save.
+        weight_hist: at each save, also save weight histograms: ``True`` of every layer
+            with parameters, ``False`` of none, or of the layers a selector names.
         options: further ``Master_analyzer`` keywords (``verbose`` defaults to ``False``).
         owner: the callback's name, for error messages.
 
     Raises:
-        BBDecoderTypeError: ``save_path`` is not a path, ``collect_every`` not an int,
-            ``weight_hist`` not a bool.
+        BBDecoderTypeError: ``save_path`` is not a path, ``collect_every`` not an int.
         BBDecoderValueError: ``collect_every`` is below 1, or ``options`` holds ``model``/``save_path``.
     """
 
@@ -55,15 +55,13 @@ class _TrainingRun:
         layer_inds: Any,
         collect_every: int,
         depth: int,
-        weight_hist: bool,
+        weight_hist: Any,
         options: dict[str, Any],
         owner: str,
     ) -> None:
         if not isinstance(save_path, (str, os.PathLike)):
             raise BBDecoderTypeError(f"{owner}: save_path must be a str or os.PathLike, got {type(save_path).__name__}")
         self.collect_every = _positive_int(collect_every, "collect_every", owner)
-        if not isinstance(weight_hist, bool):
-            raise BBDecoderTypeError(f"{owner}: weight_hist must be True or False, got {weight_hist!r}")
         reserved = sorted(set(options) & set(_RESERVED))
         if reserved:
             raise BBDecoderValueError(f"{owner}: {', '.join(reserved)} cannot be passed as a Master_analyzer option")
@@ -74,32 +72,26 @@ class _TrainingRun:
         self.options = {"verbose": False, **options}
         self.owner = owner
         self.analyzer: Any = None  # a Master_analyzer once attached
-        self._calls = 0  # collect calls so far: the analyzer's iteration counter
+        self._weight_layers: list[int] = []
         self._unsaved = False  # some statistics were recorded since the last save
 
     # ------------------------------------------------------------- lifetime
     def attach(self, model: nn.Module) -> Any:
-        """Wrap ``model`` in a new analyzer (closing any earlier one) and check ``layer_inds``."""
+        """Wrap ``model`` in a new analyzer (closing any earlier one); check the layer selections."""
         from ..analyzer import Master_analyzer
 
         self.close()
         analyzer = Master_analyzer(model, self.save_path, depth=self.depth, **self.options)
-        analyzer.layers.resolve(self.layer_inds, "layer_inds", default_all=True)  # fail at the start, not mid-epoch
+        layers = analyzer.layers
+        layers.resolve(self.layer_inds, "layer_inds", default_all=True)  # fail at the start, not mid-epoch
+        if self.weight_hist is True or self.weight_hist is False:
+            chosen = list(layers) if self.weight_hist else []
+        else:
+            chosen = layers.resolve(self.weight_hist, "weight_hist")
+        self._weight_layers = [layer.id for layer in chosen if layer.parameter_count() > 0]
         self.analyzer = analyzer
-        self._calls = _iteration_counter(analyzer)
         self._unsaved = False
         return analyzer
-
-    def start_at(self, step: int) -> None:
-        """Number the next collected iteration ``step``, the optimizer steps already taken.
-
-        A run resumed from a checkpoint (global step > 0) then continues the numbering of
-        the earlier process in the same ``save_path`` instead of starting again at 0.
-        """
-        if self.analyzer is None or step <= 0 or self._calls:
-            return
-        if _set_iteration_counter(self.analyzer, step):
-            self._calls = step
 
     def close(self) -> None:
         """Close the analyzer: every hook it holds is removed (idempotent)."""
@@ -107,14 +99,17 @@ class _TrainingRun:
             self.analyzer.close()
 
     # ----------------------------------------------------------- per step
-    def collect(self, scaler: Any = None) -> None:
-        """Record the current ``.grad`` statistics as one iteration (``scaler``: grads still scaled by it)."""
+    def collect(self, step: int, scaler: Any = None) -> None:
+        """Record the current ``.grad`` statistics as iteration ``step`` (the optimizer step).
+
+        ``scaler``: the grads still carry its scale. Numbering by the framework's step keeps a
+        run resumed from a checkpoint in line with the earlier process's files.
+        """
         if self.analyzer is None:
             return
-        self.analyzer.collect_grads(self.layer_inds, scaler=scaler, collect_every=self.collect_every)
-        if self._calls % self.collect_every == 0:
+        self.analyzer.collect_grads(self.layer_inds, scaler=scaler, collect_every=self.collect_every, iteration=step)
+        if step % self.collect_every == 0:
             self._unsaved = True
-        self._calls += 1
 
     # ------------------------------------------------------------- saving
     def save(self, epoch: int, *, weights: bool = True) -> list[Path]:
@@ -125,16 +120,9 @@ class _TrainingRun:
         if self._unsaved:
             self._unsaved = False
             paths += self.analyzer.save_collected_grads(epoch)
-        if weights and self.weight_hist:
-            layers = [layer.id for layer in self.analyzer.layers if layer.parameter_count() > 0]
-            if layers:
-                paths += self.analyzer.visualize_weight_hist(layers)
+        if weights and self._weight_layers:
+            paths += self.analyzer.visualize_weight_hist(self._weight_layers)
         return paths
-
-    @property
-    def unsaved(self) -> bool:
-        """Whether statistics were recorded since the last save."""
-        return self._unsaved
 
     def finish(self, epoch: int) -> Path | None:
         """Save what is still unsaved (as ``epoch``), build the report, close the analyzer."""
@@ -171,18 +159,3 @@ def _grads_still_scaled(scaler: Any, optimizer: Any, *, unscaled_by_framework: b
     state = states.get(id(optimizer))  # .get: a defaultdict would add an entry on []
     stage = state.get("stage") if isinstance(state, dict) else None
     return getattr(stage, "name", None) != "UNSCALED"
-
-
-# Workaround until the analyzer can be told where its iteration numbering starts: its
-# counter of collect calls is private; without it a resumed run starts again at 0.
-def _iteration_counter(analyzer: Any) -> int:
-    calls = getattr(getattr(analyzer, "_grads", None), "calls", 0)
-    return calls if isinstance(calls, int) and not isinstance(calls, bool) else 0
-
-
-def _set_iteration_counter(analyzer: Any, step: int) -> bool:
-    state = getattr(analyzer, "_grads", None)
-    if not isinstance(getattr(state, "calls", None), int):
-        return False
-    state.calls = int(step)
-    return True

@@ -9,15 +9,15 @@ Where it hooks into Lightning's loop (read from ``lightning/pytorch/plugins/prec
 
 - ``on_fit_start``: the ``LightningModule`` (already on its device, not yet DDP-wrapped)
   is wrapped in a :class:`~BBDecoder.Master_analyzer`; the model is not changed.
-- ``on_train_start``: after a checkpoint's loop state is restored, the iteration numbering
-  is set to ``trainer.global_step``, so a resumed run continues the earlier numbering.
 - ``on_before_optimizer_step``: once per optimizer step, after the backward pass of the
   last accumulated micro-batch (so with ``accumulate_grad_batches=k`` the accumulated
   gradient is recorded once per step) and *before* gradient clipping. With
   ``precision="16-mixed"`` Lightning has already run ``scaler.unscale_`` here, unless the
   optimizer unscales inside ``step()`` (fused Adam); the callback reads the scaler's
   state and passes it to ``collect_grads`` only when the gradients are still scaled.
-  The recorded iteration is ``trainer.global_step`` at that moment (0 for the first step).
+  The recorded iteration is ``trainer.global_step`` at that moment (0 for the first step;
+  ``collect_grads(iteration=...)``), so a run resumed from a checkpoint continues the
+  earlier process's numbering.
 - ``on_train_epoch_end``: the epoch's gradient files (``gradients/epoch_{ep:03d}_*``,
   ``ep = trainer.current_epoch``) and weight histograms of every layer with parameters.
 - ``on_fit_end``: anything still unsaved is saved, ``report.html`` is built, the analyzer
@@ -64,7 +64,8 @@ class BBDecoderCallback(pl.Callback):  # type: ignore[misc]
             ``None``: every parameter of the module.
         collect_every: record every k-th optimizer step (global steps ``0, k, 2k…``).
         depth: the layer-numbering depth of the analyzer.
-        weight_hist: save weight histograms of every layer with parameters at each epoch end.
+        weight_hist: at each epoch end, save weight histograms of every layer with
+            parameters (``True``), of none (``False``), or of the layers a selector names.
         **analyzer_options: other ``Master_analyzer`` keywords (``include_bias``,
             ``tensorboard_dir``, ``input_size``…); ``verbose`` defaults to ``False``.
 
@@ -73,7 +74,8 @@ class BBDecoderCallback(pl.Callback):  # type: ignore[misc]
             other analyses (``callback.analyzer.get_sim(...)``).
 
     Raises:
-        BBDecoderTypeError, BBDecoderValueError: a bad ``collect_every`` or option.
+        BBDecoderTypeError, BBDecoderValueError: a bad ``collect_every`` or option (a bad layer
+            selection raises ``LayerSelectionError`` when fitting starts).
     """
 
     def __init__(
@@ -83,7 +85,7 @@ class BBDecoderCallback(pl.Callback):  # type: ignore[misc]
         layer_inds: Selector = None,
         collect_every: int = 1,
         depth: int = 1,
-        weight_hist: bool = True,
+        weight_hist: bool | Selector = True,
         **analyzer_options: Any,
     ) -> None:
         super().__init__()
@@ -111,9 +113,6 @@ class BBDecoderCallback(pl.Callback):  # type: ignore[misc]
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._run.attach(pl_module)
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._run.start_at(trainer.global_step)
-
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._epoch = trainer.current_epoch
 
@@ -122,7 +121,7 @@ class BBDecoderCallback(pl.Callback):  # type: ignore[misc]
         # Lightning unscales before this hook unless the optimizer unscales in step() (fused Adam)
         handles = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         still_scaled = _grads_still_scaled(scaler, optimizer, unscaled_by_framework=not handles)
-        self._run.collect(scaler if still_scaled else None)
+        self._run.collect(trainer.global_step, scaler if still_scaled else None)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._run.save(trainer.current_epoch)

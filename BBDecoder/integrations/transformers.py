@@ -18,9 +18,11 @@ Where it hooks into ``Trainer``'s loop (read from ``Trainer._inner_training_loop
   optimizer applies. No event comes between the backward pass and the clipping; set
   ``max_grad_norm=0`` to record unclipped gradients (``Trainer`` logs the pre-clipping
   total norm as ``grad_norm``). With ``fp16=True`` the clipping (or, without it, the norm
-  computation) has already unscaled the gradients; the callback checks the scaler's
-  state and passes it on only if they are still scaled. The recorded iteration is
-  ``state.global_step`` at that moment (0 for the first step).
+  computation) has already unscaled the gradients in transformers 5; older releases
+  leave them scaled when ``max_grad_norm=0``. The callback reads the scaler's state and
+  passes it on only while they are still scaled. The recorded iteration is
+  ``state.global_step`` at that moment (0 for the first step; ``Trainer`` logs that step
+  as step 1 and names its checkpoints after the steps taken).
 - ``on_epoch_end``: the epoch's gradient files (``gradients/epoch_{ep:03d}_*``, ``ep`` the
   0-based epoch) and weight histograms of every layer with parameters.
 - with ``save_every=k`` instead, ``on_step_end`` saves every k optimizer steps (for
@@ -40,13 +42,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import BBDecoderTypeError, require
+from ..errors import BBDecoderTypeError, MissingDependencyError, require
 from . import _grads_still_scaled, _positive_int, _TrainingRun
 
 if TYPE_CHECKING:
     from ..core.layers import Selector
 
 _transformers: Any = require("transformers", "BBDecoder.integrations.transformers")
+if not hasattr(_transformers.TrainerCallback, "on_pre_optimizer_step"):  # added in transformers 4.45
+    raise MissingDependencyError(
+        "BBDecoder.integrations.transformers needs transformers>=4.45 (the on_pre_optimizer_step event), "
+        f"found {_transformers.__version__}: pip install -U transformers"
+    )
 
 __all__ = ["BBDecoderCallback"]
 
@@ -61,7 +68,8 @@ class BBDecoderCallback(_transformers.TrainerCallback):  # type: ignore[misc]
         collect_every: record every k-th optimizer step (global steps ``0, k, 2k…``).
         depth: the layer-numbering depth of the analyzer.
         save_every: save every this many optimizer steps instead of at each epoch end.
-        weight_hist: save weight histograms of every layer with parameters at each save.
+        weight_hist: at each save, save weight histograms of every layer with parameters
+            (``True``), of none (``False``), or of the layers a selector names.
         **analyzer_options: other ``Master_analyzer`` keywords (``include_bias``,
             ``tensorboard_dir``…); ``verbose`` defaults to ``False``.
 
@@ -69,7 +77,8 @@ class BBDecoderCallback(_transformers.TrainerCallback):  # type: ignore[misc]
         analyzer: the ``Master_analyzer`` of the current ``train()`` (``None`` before it).
 
     Raises:
-        BBDecoderTypeError, BBDecoderValueError: a bad ``collect_every``, ``save_every`` or option.
+        BBDecoderTypeError, BBDecoderValueError: a bad ``collect_every``, ``save_every`` or option
+            (a bad layer selection raises ``LayerSelectionError`` when training starts).
     """
 
     def __init__(
@@ -80,7 +89,7 @@ class BBDecoderCallback(_transformers.TrainerCallback):  # type: ignore[misc]
         collect_every: int = 1,
         depth: int = 1,
         save_every: int | None = None,
-        weight_hist: bool = True,
+        weight_hist: bool | Selector = True,
         **analyzer_options: Any,
     ) -> None:
         owner = "BBDecoderCallback"
@@ -106,7 +115,6 @@ class BBDecoderCallback(_transformers.TrainerCallback):  # type: ignore[misc]
         if model is None:
             raise BBDecoderTypeError("BBDecoderCallback.on_train_begin: Trainer passed no model= to its callbacks")
         self._run.attach(model)
-        self._run.start_at(state.global_step)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # state.epoch is the fractional epoch count so far: k at the start of epoch k (or
@@ -120,7 +128,7 @@ class BBDecoderCallback(_transformers.TrainerCallback):  # type: ignore[misc]
             inner = inner.optimizer  # the scaler keys its unscale_ record by the torch optimizer
         # Trainer clips (or takes the norm) right before this event, which unscales first
         still_scaled = _grads_still_scaled(scaler, inner, unscaled_by_framework=True)
-        self._run.collect(scaler if still_scaled else None)
+        self._run.collect(state.global_step, scaler if still_scaled else None)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.save_every is not None and state.global_step % self.save_every == 0:

@@ -148,6 +148,7 @@ class GradientMixin(AnalyzerBase):
         scaler: torch.amp.GradScaler | None = None,
         collect_every: int = 1,
         include_bias: bool | None = None,
+        iteration: int | None = None,
     ) -> None:
         """Record the statistics of the current ``.grad`` values, whoever ran backward.
 
@@ -165,16 +166,26 @@ class GradientMixin(AnalyzerBase):
                 Leave it ``None`` once the gradients are unscaled.
             collect_every: record only every k-th call (calls ``0, k, 2k…``).
             include_bias: also record biases (default: the constructor's choice).
+            iteration: number this call ``iteration`` (an integration passes the optimizer
+                step, so a run resumed into the same ``save_path`` continues its numbering);
+                later calls count on from it. Default: one more than the last call.
 
         Raises:
             BBDecoderTypeError: a flag is not a bool, or ``scaler`` is not a ``GradScaler``.
-            BBDecoderValueError: ``collect_every`` is below 1.
+            BBDecoderValueError: ``collect_every`` is below 1, or ``iteration`` negative.
             LayerSelectionError: ``layer_inds`` selects no parameter tensor.
         """
         every = _check_every(collect_every)
         bias = self.include_bias if include_bias is None else _check_flag(include_bias, "include_bias")
         _check_scaler(scaler)
+        if iteration is not None:
+            self._grads.calls = checks.integer(iteration, "iteration", low=0, high=2**62)
         self._collect(layer_inds, bias, scaler, every, None)
+
+    @property
+    def iteration(self) -> int:
+        """The number the next ``backward_propagation``/``collect_grads`` call gets."""
+        return self._grads.calls
 
     def _collect(
         self,
