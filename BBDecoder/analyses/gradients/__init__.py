@@ -439,8 +439,15 @@ def _check_loss(loss: Any, backward_kwargs: dict[str, Any] | None = None) -> Non
         shape = tuple(gradient.shape) if isinstance(gradient, torch.Tensor) else type(gradient).__name__
         raise BBDecoderValueError(f"gradient must be a tensor of the loss's shape {tuple(loss.shape)}, got {shape}")
     inputs = kwargs.get("inputs")
-    if inputs is not None and isinstance(inputs, (list, tuple)) and not inputs:
-        raise BBDecoderValueError("inputs=[] names no tensor to accumulate gradients into; leave it None for all")
+    if inputs is not None:
+        items = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, torch.Tensor) for i in items):
+            raise BBDecoderTypeError(
+                f"inputs must be a tensor or a list of tensors (or None for every leaf), got "
+                f"{type(inputs).__name__} {inputs!r:.60}"
+            )
+        if not items:
+            raise BBDecoderValueError("inputs=[] names no tensor to accumulate gradients into; leave it None for all")
 
 
 def _check_flag(value: Any, name: str) -> bool:
