@@ -24,7 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from BBDecoder import BBDecoderError, Master_analyzer  # noqa: E402
 
-EXAMPLES = int(os.environ.get("BBDECODER_FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("BBDECODER_FUZZ_EXAMPLES", "8"))
 SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=20_000,  # ms: a call that would hang (bins=10**7, repeats=10**9) must be refused instead
