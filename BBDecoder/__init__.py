@@ -1,6 +1,8 @@
 """BBDecoder: see inside a PyTorch model while it trains."""
 
 from ._version import __version__
+from .analyses.activations import ActivationAlertWarning
+from .analyses.updates import UpdateAlertWarning, UpdateWatch
 from .analyzer import Master_analyzer
 from .errors import (
     BBDecoderError,
@@ -18,8 +20,10 @@ from .errors import (
     VideoWriteError,
     WeightHistogramWarning,
 )
+from .report.compare import compare_runs
 
 __all__ = [
+    "ActivationAlertWarning",
     "BBDecoderError",
     "BBDecoderTypeError",
     "BBDecoderValueError",
@@ -33,7 +37,10 @@ __all__ = [
     "OutputDamagedWarning",
     "OutputWriteError",
     "SavePathError",
+    "UpdateAlertWarning",
+    "UpdateWatch",
     "VideoWriteError",
     "WeightHistogramWarning",
     "__version__",
+    "compare_runs",
 ]

@@ -26,7 +26,6 @@ from BBDecoder import (
     GradientAlertWarning,
     LayerSelectionError,
     Master_analyzer,
-    SavePathError,
 )
 from BBDecoder.analyses.gradients import CSV_HEADER
 from BBDecoder.analyses.gradients.save import heatmap_matrix, load_history
@@ -575,19 +574,33 @@ def test_nothing_collected_warns_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "gradients").exists()
 
 
-def test_save_folder_inside_save_path_only(tmp_path: Path) -> None:
+def test_save_folder_inside_save_path_or_where_the_user_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = MLP()
     wm = make(model, tmp_path / "run")
+    root = wm.store.root
     wm.backward_propagation(loss_of(model, [3, 10]), collect_grads=True)
     paths = wm.save_collected_grads(0, save_folder="grads_a")
     assert all(p.parent == (tmp_path / "run" / "grads_a").resolve() for p in paths)
     wm.backward_propagation(loss_of(model, [3, 10]), collect_grads=True)
     inside = tmp_path / "run" / "deep" / "b"
     assert all(p.parent == inside.resolve() for p in wm.save_collected_grads(1, save_folder=inside))
-    for outside in (tmp_path / "elsewhere", "../escape"):
-        with pytest.raises(SavePathError, match="save_folder="):
-            wm.save_collected_grads(2, save_folder=outside)
-    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "escape").exists()
+    # issue 11.6: the original API's save_folder='./saves' style: a folder outside save_path is honoured
+    monkeypatch.chdir(root)
+    written = []
+    folders = ((tmp_path / "elsewhere", tmp_path / "elsewhere"), ("../escape", tmp_path / "escape"))
+    for epoch, (outside, where) in enumerate(folders, 2):
+        wm.backward_propagation(loss_of(model, [3, 10]), collect_grads=True)
+        paths = wm.save_collected_grads(epoch, save_folder=outside)
+        assert paths and all(p.parent == where for p in paths)
+        rows = read_csv(by_kind(paths, "csv"))
+        assert rows and {r["epoch"] for r in rows} == {str(epoch)}
+        written += paths
+    entries = {e["path"]: e for e in wm.store.outputs("gradients")}
+    for path in written:  # each listed in save_path's manifest, relative to it
+        entry = entries[f"../{path.relative_to(tmp_path).as_posix()}"]
+        assert entry["external"] is True and wm.store.locate(entry) == path
+    outside_files = {p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents}
+    assert outside_files == set(written)  # nothing else was written outside save_path
 
 
 def test_heatmap_spans_epochs_and_matches_csv(tmp_path: Path) -> None:

@@ -219,20 +219,21 @@ def test_container_layer_shows_every_tensor(tmp_path: Path) -> None:
     model = ResidualNet()
     wm = analyzer(model, tmp_path)
     seen: list[dict[str, Any]] = []
-    wm._on_weights_histogram = lambda **data: seen.append(data)  # what the TensorBoard writer receives
+    wm.events.subscribe("weights_histogram", lambda **data: seen.append(data))  # what TensorBoard receives
     wm.visualize_weight_hist("layer2", bins=16)
     names = [name for name, _ in model.layer2.named_parameters()]
     assert names == ["0.conv1.weight", "0.bn1.weight", "0.bn1.bias", "0.conv2.weight", "0.bn2.weight", "0.bn2.bias"]
     assert seen[0]["call"] == 1
-    assert [entry["param"] for entry in seen[0]["layers"]] == names
-    for entry, (_, param) in zip(seen[0]["layers"], model.layer2.named_parameters(), strict=True):
+    (layer,) = seen[0]["weights"]
+    assert [entry.name for entry in layer.params] == names
+    assert layer.layer_name == "layer2" and layer.layer_id == 4
+    for entry, (_, param) in zip(layer.params, model.layer2.named_parameters(), strict=True):
         values = param.detach().double()
-        assert entry["layer_name"] == "layer2" and entry["layer_id"] == 4
-        assert len(entry["bucket_limits"]) == len(entry["bucket_counts"]) == 16
-        assert entry["bucket_limits"][-1] == entry["edges"][-1] >= entry["max"] == values.max().item()
-        assert entry["num"] == values.numel() == entry["counts"].sum()
-        assert entry["sum"] == pytest.approx(values.sum().item(), rel=1e-9, abs=1e-12)
-        assert entry["sum_squares"] == pytest.approx(values.square().sum().item(), rel=1e-12)
+        assert len(entry.edges) - 1 == len(entry.counts) == 16
+        assert entry.edges[-1] >= entry.max == values.max().item()
+        assert entry.finite == values.numel() == entry.counts.sum()
+        assert entry.sum == pytest.approx(values.sum().item(), rel=1e-9, abs=1e-12)
+        assert entry.sum_squares == pytest.approx(values.square().sum().item(), rel=1e-12)
 
 
 def test_parameterless_layers(tmp_path: Path) -> None:
@@ -254,11 +255,36 @@ def test_argument_errors(tmp_path: Path) -> None:
             wm.visualize_weight_hist([0], bins=bad)  # type: ignore[arg-type]
     with pytest.raises(LayerSelectionError):
         wm.visualize_weight_hist([9])
-    with pytest.raises(SavePathError, match="outside save_path"):
-        wm.visualize_weight_hist([0], tmp_path.parent / "elsewhere")
-    with pytest.raises(SavePathError, match="outside save_path"):
-        wm.visualize_weight_hist([0], "../elsewhere")
-    assert not (tmp_path / "weights").exists() and not (tmp_path.parent / "elsewhere").exists()
+    with pytest.raises(SavePathError, match=r"^save_folder='.*run\.json' is a file"):
+        wm.visualize_weight_hist([0], tmp_path / "run.json")
+    with pytest.raises(SavePathError, match=r"^save_folder='' names no folder"):
+        wm.visualize_weight_hist([0], "")
+    assert not (tmp_path / "weights").exists()
+
+
+def test_save_folder_outside_save_path_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.6: visualize_weight_hist(layer_inds, save_folder) writes where the user said."""
+    wm = analyzer(FrozenNet(), tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "run")
+    absolute = wm.visualize_weight_hist([0], tmp_path / "elsewhere")
+    relative = wm.visualize_weight_hist([0], "../beside")
+    assert [p.relative_to(tmp_path).as_posix() for p in absolute + relative] == [
+        "elsewhere/000_frozen/hist_call001.png",
+        "elsewhere/000_frozen/hist_call001.npz",
+        "elsewhere/000_frozen/evolution.png",
+        "beside/000_frozen/hist_call002.png",
+        "beside/000_frozen/hist_call002.npz",
+        "beside/000_frozen/evolution.png",
+    ]
+    with np.load(absolute[1]) as first, np.load(relative[1]) as second:
+        assert first.files == second.files and int(first["call"]) == 1 and int(second["call"]) == 2
+        assert all(np.array_equal(first[k], second[k]) for k in first.files if k != "call")  # the same weights
+    entries = {e["path"]: e for e in wm.store.outputs("weights")}
+    for path in absolute + relative:
+        entry = entries[f"../{path.relative_to(tmp_path).as_posix()}"]
+        assert entry["external"] is True and entry["layer_name"] == "frozen"
+    outside = {p for p in tmp_path.rglob("*") if p.is_file() and (tmp_path / "run") not in p.parents}
+    assert outside == set(absolute + relative)  # nothing else was written outside save_path
 
 
 def test_save_folder_inside_save_path_and_frozen_layers(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from ..core.hooks import HookRegistry
 from ..core.layers import Layer, LayerTable, Selector
 from ..core.model import model_device
 from ..output.store import Store
+from ..summary import printable
 
 logger = logging.getLogger("BBDecoder")
 
@@ -61,9 +62,10 @@ class AnalyzerBase:
         return distributed.is_main_process()
 
     def _say(self, text: str) -> None:
-        """Print ``text`` when verbose, on rank 0 only."""
+        """Print ``text`` when verbose, on rank 0 only, control characters escaped (a layer name cannot
+        recolour or rewrite the terminal)."""
         if self.verbose and self.is_main_process:
-            print(text)
+            print("\n".join(printable(line) for line in text.split("\n")))  # no raw control characters
 
     # -------------------------------------------------------------- forward
     def _capture(

@@ -77,10 +77,11 @@ class FeatureMixin(AnalyzerBase):
                 positional inputs, a dict of keyword inputs, or a list (one positional input).
             layer: the layer's ID or dotted name.
             path: the folder that receives ``{ID:03d}_{name}/``; default
-                ``save_path/features``. BBDecoder writes only under ``save_path``: a
-                relative ``path`` is read relative to ``save_path`` (unless, read from the
-                working directory, it already lies inside ``save_path``), and an
-                absolute one must lie inside ``save_path``.
+                ``save_path/features``. A relative ``path`` is read relative to
+                ``save_path`` (unless, read from the working directory, it already lies
+                inside ``save_path`` or climbs out of it, ``"../saves"``); an absolute one is
+                used as it is. A folder outside ``save_path`` is honoured and listed in
+                its manifest, so the report shows it.
             post_proc: any callable taking the sample's output tensor (on the model's
                 device, no batch axis) and returning a tensor or NumPy array.
             dim: channel/feature indices to keep: an int or a list of ints (negative
@@ -97,7 +98,9 @@ class FeatureMixin(AnalyzerBase):
             BBDecoderTypeError: ``post_proc`` is not callable or returned something other
                 than a tensor/array; ``dim`` or ``tag`` has the wrong type.
             BBDecoderValueError: a ``dim`` index out of range.
-            SavePathError: ``path`` lies outside ``save_path``.
+            SavePathError: ``path`` is empty or names a file (a folder outside
+                ``save_path`` is honoured and listed in its manifest).
+            OutputWriteError: a file could not be written (disk full, permission denied).
             ModelForwardError: the model raised.
         """
         target = self._layer(layer, "layer")
@@ -149,15 +152,16 @@ class FeatureMixin(AnalyzerBase):
             "all_samples": bool(all_samples),
             "channels": channels,
         }
+        raw_key = self.store.relative(self.store.root / raw_rel)  # how the manifest names it (``../`` outside)
         raw_path = self.store.write_npy(
-            raw_rel, raw, section=FEATURES_SECTION, meta={**meta, "kind": "raw", "raw": raw_rel}
+            raw_rel, raw, section=FEATURES_SECTION, meta={**meta, "kind": "raw", "raw": raw_key}
         )
         figure = self._feature_figure(target, raw if all_samples else raw[None], meta, scale=None, dpi=100)
         picture = self.store.save_figure(
             figure,
             picture_rel,
             section=FEATURES_SECTION,
-            meta={**meta, "kind": "picture", "raw": self.store.relative(raw_path) if raw_path else raw_rel},
+            meta={**meta, "kind": "picture", "raw": raw_key},
         )
         if picture is None or raw_path is None:  # the store writes on rank 0 only
             return []
@@ -198,7 +202,9 @@ class FeatureMixin(AnalyzerBase):
                 unknown ``formats``.
             VideoWriteError: no recorded frames, or a codec that cannot be opened or a
                 video that does not read back (nothing is left behind).
-            SavePathError: ``path`` lies outside ``save_path``.
+            SavePathError: ``path`` is empty or names a file (a folder outside
+                ``save_path`` is honoured and listed in its manifest).
+            OutputWriteError: a file could not be written (disk full, permission denied).
         """
         target = self._layer(layer, "layer")
         rate = video.check_fps(fps)

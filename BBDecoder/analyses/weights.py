@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import distributed
+from ..core import checks, distributed
 from ..core.layers import Layer, Selector
 from ..core.model import accumulator_dtype
 from ..errors import BBDecoderTypeError, BBDecoderValueError, WeightHistogramWarning
@@ -351,8 +351,9 @@ class WeightMixin(AnalyzerBase):
         Args:
             layer_inds: layer IDs or names (one or a list); a container layer (a
                 Sequential block, a ResNet stage) shows all its parameters.
-            save_folder: folder inside ``save_path`` (relative to it, or absolute);
-                default ``save_path/weights``.
+            save_folder: the folder (default ``save_path/weights``); relative to
+                ``save_path``, or absolute; a folder outside ``save_path`` is honoured and
+                listed in its manifest.
             bins: equal-width bins per histogram.
 
         Returns:
@@ -363,12 +364,15 @@ class WeightMixin(AnalyzerBase):
             BBDecoderTypeError: ``bins`` is not an int, or ``save_folder`` not a path.
             BBDecoderValueError: ``bins < 1``, or no selected layer has parameters.
             LayerSelectionError: ``layer_inds`` selects no layer.
-            SavePathError: ``save_folder`` lies outside ``save_path``.
+            SavePathError: ``save_folder`` is empty or names a file (a folder outside
+                ``save_path`` is honoured and listed in its manifest).
+            OutputWriteError: a file could not be written (disk full, permission denied).
         """
         if isinstance(bins, bool) or not isinstance(bins, int):
             raise BBDecoderTypeError(f"bins must be a positive int, got {bins!r}")
         if bins < 1:
             raise BBDecoderValueError(f"bins must be at least 1, got bins={bins}")
+        checks.integer(bins, "bins", low=1)  # and not so many that the histograms would not fit
         folder = self.store.subfolder(save_folder, "save_folder", default=SECTION)
         chosen = self._select(layer_inds, "layer_inds")
         layers = [layer for layer in chosen if layer_parameters(layer.module)]

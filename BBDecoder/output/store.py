@@ -36,7 +36,7 @@ import secrets
 import stat
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -183,9 +183,14 @@ class Store:
         Raises:
             SavePathError: the path, or what a symbolic link on it points to, lies outside
                 every allowed folder.
+            OutputWriteError: a link on the way changed while it was being read.
         """
         candidate = Path(os.path.normpath(self.root / relative))
-        if self._base(candidate) is None or self._base(candidate.resolve()) is None:
+        try:
+            physical = candidate.resolve()  # what the links on the way point to, now
+        except OSError as error:  # a link changed while it was being read
+            raise _write_error(candidate, error, "check the path of") from error
+        if self._base(candidate) is None or self._base(physical) is None:
             raise SavePathError(
                 f"refusing to write outside save_path: {str(relative)!r} (save_path is {str(self.root)!r})"
             )
@@ -215,20 +220,23 @@ class Store:
         except ValueError:
             return candidate.as_posix()
 
-    def locate(self, entry: Mapping[str, Any] | str) -> Path | None:
+    def locate(self, entry: Any) -> Path | None:
         """The absolute path of a manifest entry's file (nothing is checked on disk).
 
         Args:
-            entry: a manifest entry (from :meth:`outputs`) or its ``path``.
+            entry: a manifest entry (a dict from :meth:`outputs`, or any object with a
+                ``get(key)`` method such as a schema ``ManifestEntry``) or its ``path``.
 
         Returns:
             The path, or ``None`` when the entry's path leaves the root without the entry
-            being marked ``"external"`` (a hand-edited or tampered manifest).
+            being marked ``"external": true`` (a hand-edited or tampered manifest).
         """
-        external = isinstance(entry, Mapping) and entry.get("external") is True
-        text = str(entry.get("path", "")) if isinstance(entry, Mapping) else str(entry)
+        if isinstance(entry, (str, os.PathLike)):
+            text, external = os.fspath(entry), False
+        else:
+            text, external = str(entry.get("path") or ""), entry.get("external") is True
         candidate = Path(os.path.normpath(self.root / text))
-        if external or candidate == self.root or self.root in candidate.parents:
+        if external or self._inside_root(candidate):
             return candidate
         return None
 
@@ -275,12 +283,15 @@ class Store:
                 f"{str(self.root)!r}), a path, or None for the default {default!r}"
             )
         given = Path(text).expanduser()
-        from_cwd = given.resolve()  # absolute, or relative to the working directory
-        candidate = from_cwd
-        if not given.is_absolute() and not self._inside_root(from_cwd):
-            from_root = (self.root / given).resolve()
-            if self._inside_root(from_root):
-                candidate = from_root
+        try:
+            from_cwd = given.resolve()  # absolute, or relative to the working directory
+            candidate = from_cwd
+            if not given.is_absolute() and not self._inside_root(from_cwd):
+                from_root = (self.root / given).resolve()
+                if self._inside_root(from_root):
+                    candidate = from_root
+        except OSError as error:
+            raise SavePathError(f"{argument}={str(user_path)!r} cannot be resolved: {_cause(error)}") from error
         if candidate.exists() and not candidate.is_dir():
             raise SavePathError(f"{argument}={str(user_path)!r} is a file ({str(candidate)!r}), not a folder")
         if self._inside_root(candidate):
@@ -486,6 +497,7 @@ class Store:
                     self._opened(base, parts[:-1], create=True) as folder,
                 ):
                     name = self._move_into(origin, src_parts[-1], folder, parts[-1], target)
+                    _quietly(origin.unlink, src_parts[-1])
                 final = target.with_name(name)
                 if section is not None:
                     self._record_or_discard(final, section, meta or {}, once=False, discard=True)
@@ -590,9 +602,10 @@ class Store:
             entry["external"] = True  # written into a folder the user named outside save_path
         with self._exclusive():
             entries = self._entries()  # as on disk: other processes on this folder may have added entries
-            if once and any(e["path"] == name for e in entries):
+            if once and any(e["path"] == name and not e.get("recovered") for e in entries):
                 return
-            self._write_manifest([*entries, entry])
+            # a manifest rebuilt meanwhile already lists this file, without its metadata: this entry replaces it
+            self._write_manifest([*(e for e in entries if e["path"] != name or not e.get("recovered")), entry])
 
     def _record_or_discard(self, final: Path, section: str, meta: dict[str, Any], *, once: bool, discard: bool) -> None:
         """Record ``final``; if its entry cannot be written, remove the file again (with ``discard``)."""
@@ -665,7 +678,10 @@ class Store:
             raw = found[0] if found is not None else b""
             with self._opened(self.root, (), create=False) as root:
                 copy = self._keep_aside(root, MANIFEST_NAME, move=False)
-                on_disk = _scan(root)
+                try:
+                    on_disk = _scan(root)
+                except OSError as error:
+                    raise _write_error(self.root, error, "list the files of") from error
             salvaged = _salvage(raw)
             entries, kept = self._rebuild(salvaged, on_disk)
             self._write_manifest(entries)
@@ -868,12 +884,15 @@ class Store:
             raise
 
     def _exists(self, target: Path) -> bool:
+        """Whether ``target`` exists; ``True`` when that cannot be told (so it is never removed)."""
         base, parts = self._place(target)
         try:
             with self._opened(base, parts[:-1], create=False) as folder:
                 return folder.lstat(parts[-1]) is not None
-        except (OSError, SavePathError):
-            return False
+        except OSError as error:
+            return error.errno not in (errno.ENOENT, errno.ENOTDIR)
+        except SavePathError:
+            return True
 
     def _discard(self, path: Path) -> None:
         """Remove ``path`` if it is there (a cleanup: errors are ignored)."""
@@ -961,12 +980,14 @@ class _Folder:
         except OSError as error:
             if error.errno in (errno.ELOOP, errno.EMLINK):
                 raise SavePathError(f"refusing to read {str(self.path / name)!r}: it is a symbolic link") from error
-            raise
+            raise _write_error(self.path / name, error, "read") from error
         try:
             info = os.fstat(handle)
             if not stat.S_ISREG(info.st_mode):
                 raise SavePathError(f"refusing to read {str(self.path / name)!r}: it is not a regular file")
             chunks = list(iter(lambda: os.read(handle, _CHUNK), b""))
+        except OSError as error:
+            raise _write_error(self.path / name, error, "read") from error
         finally:
             os.close(handle)
         return b"".join(chunks), _stamp(info)
@@ -1148,13 +1169,13 @@ def _cause(error: OSError) -> str:
     return cause + (f" ({name})" if name else "") + (f": {hint}" if hint else "")
 
 
-def _write_error(path: Path, error: OSError) -> OutputWriteError:
+def _write_error(path: Path, error: OSError, verb: str = "write") -> OutputWriteError:
     """``error`` as an :class:`OutputWriteError` naming ``path`` and the cause."""
     if isinstance(error, OutputWriteError):
         return error
     return OutputWriteError(
         error.errno,
-        f"cannot write {str(path)!r}: {_cause(error)}; nothing partial was left under that name",
+        f"cannot {verb} {str(path)!r}: {_cause(error)}; nothing partial was left under any output's name",
         str(path),
     )
 

@@ -193,11 +193,8 @@ def _present_entries(store: Store) -> tuple[list[Entry], list[str]]:
     present: list[Entry] = []
     missing: list[str] = []
     for entry in manifest_entries(store.outputs()):
-        try:
-            exists = store.resolve(entry.path).is_file()
-        except SavePathError:  # a tampered manifest pointing outside the folder
-            exists = False
-        if exists:
+        where = store.locate(entry)  # None: outside save_path and not a folder the user named
+        if where is not None and where.is_file():
             present.append(entry)
         else:
             missing.append(entry.path)
@@ -214,6 +211,8 @@ def _run_record(path: Path) -> RunRecord:
 
 # ------------------------------------------------------------------- helpers
 def _href(path: str) -> str:
+    if Path(path).is_absolute():  # a folder the user named, with no relative path from save_path
+        return Path(path).as_uri()
     return urllib.parse.quote(path, safe="/")
 
 
@@ -352,14 +351,25 @@ def _architecture(entries: list[Entry]) -> dict[str, Any]:
 
 
 def _gradients(entries: list[Entry]) -> dict[str, Any]:
-    pictures = [e for e in _of_kind(entries, "flow", "norms") if _is_image(e)]
+    pictures = [e for e in _of_kind(entries, "flow", "norms", "flow_detail") if _is_image(e)]
     frames: list[Frame] = []
     for epoch, group in _group(pictures, lambda e: e.get("epoch")).items():
         flow = _latest(_of_kind(group, "flow"))
         images = [_image(flow, f"Gradient flow, epoch {_label(epoch)}")] if flow else []
         norms = _of_kind(group, "norms")
         images += [_image(e, f"L1/L2 norms per iteration, epoch {_label(epoch)}") for e in _latest_per_name(norms)]
-        frames.append({"label": f"epoch {_label(epoch)}", "images": images})
+        frame: Frame = {"label": f"epoch {_label(epoch)}", "images": images}
+        # a grouped flow chart (many tensors) has its per-tensor pages one level down, collapsed
+        pages = _latest_per_name(_of_kind(group, "flow_detail"))
+        if pages:
+            frame["details"] = {
+                "summary": f"Gradient flow per tensor ({len(pages)} page{'s' if len(pages) != 1 else ''})",
+                "images": [
+                    _image(e, f"Gradient flow per tensor, epoch {_label(epoch)}, page {i}")
+                    for i, e in enumerate(pages, start=1)
+                ],
+            }
+        frames.append(frame)
     heatmap = _latest([e for e in _of_kind(entries, "heatmap") if _is_image(e)])
     return {
         "present": bool(entries),
