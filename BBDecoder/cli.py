@@ -2,7 +2,8 @@
 
 ``bbdecoder demo [--out DIR] [--epochs N]`` trains a small CNN on drawn shapes with every
 analysis on and writes the report; ``bbdecoder report SAVE_PATH`` (re)builds ``report.html``
-for a folder a ``Master_analyzer`` wrote to, in this process or an earlier one.
+for a folder a ``Master_analyzer`` wrote to, in this process or an earlier one;
+``bbdecoder compare RUN_A RUN_B [...] --out DIR`` writes ``DIR/compare.html``, the runs side by side.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``bbdecoder`` (subcommands ``demo`` and ``report``)."""
+    """The argument parser of ``bbdecoder`` (subcommands ``demo``, ``report`` and ``compare``)."""
     from .demo import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(prog="bbdecoder", description="See inside a PyTorch model while it trains.")
@@ -63,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("save_path", metavar="SAVE_PATH", help="the folder given to Master_analyzer")
     report.add_argument("--title", default=None, help="page title (default: 'BBDecoder report: <model>')")
+
+    compare = commands.add_parser(
+        "compare",
+        help="write compare.html: several save_paths side by side",
+        description="Overlay two or more runs (folders Master_analyzer wrote to) on one static page: gradient "
+        "norms, update ratios, activation health, weight evolution and alerts, layers matched by name.",
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="the save_path folders to compare (two or more)")
+    compare.add_argument("--out", required=True, metavar="DIR", help="folder for compare.html (created if missing)")
+    compare.add_argument("--names", nargs="+", default=None, metavar="NAME", help="a name per run (default: folders)")
+    compare.add_argument("--title", default=None, help="page title")
     return parser
 
 
@@ -82,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .report import build_report
 
             print(build_report(args.save_path, title=args.title))
+        elif args.command == "compare":
+            from .report.compare import compare_runs
+
+            print(compare_runs(args.runs, args.out, names=args.names, title=args.title))
     except BBDecoderError as error:
         print(f"bbdecoder {args.command}: error: {error}", file=sys.stderr)
         return 1

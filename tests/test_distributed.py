@@ -363,7 +363,7 @@ def test_shard_reduction_arithmetic(monkeypatch: pytest.MonkeyPatch, backend: st
     """
     import BBDecoder.core.distributed as distributed
     from BBDecoder.analyses.gradients.recorder import Column as _Column
-from BBDecoder.analyses.gradients.recorder import Recorder as _Recorder
+    from BBDecoder.analyses.gradients.recorder import Recorder as _Recorder
 
     monkeypatch.setattr(_gradstats, "_backend", backend)  # the shards' kernel; restored afterwards
     nan, inf = math.nan, math.inf
