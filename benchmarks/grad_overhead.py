@@ -7,11 +7,16 @@ each step's CPU time (``time.process_time``) is measured and every pair gives a 
 wrapped / plain. Printed: the median ratio with its min and max, for
 
 * every-step collection of all layers (``collect_grads=True`` each step), and
-* ``collect_every=10``.
+* ``collect_every=10``;
+
+then, on the same gradients, the statistics kernel alone and a plain ``sum`` over the same
+tensors (one read of the gradients: the floor), as medians and as fractions of the median
+plain step. Those two figures do not depend on how busy the machine is as much as the
+step ratios do.
 
 Run: ``python benchmarks/grad_overhead.py [--pairs 60] [--backend auto]``. The first
-wrapped step compiles the statistics kernel (tens of seconds on a small CPU); warm-up
-steps absorb it and are not measured.
+wrapped step compiles the statistics kernel (tens of seconds on a small CPU, a few with
+Inductor's disk cache warm); it is timed and printed, then warm-up steps absorb it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -113,9 +119,15 @@ def main() -> None:
         analyzer.backward_propagation(loss, collect_grads=True, collect_every=every)
         optimizer.step()
 
+    all_plain: list[float] = []
     with tempfile.TemporaryDirectory() as folder:
         for label, every in (("every step, all layers", 1), ("collect_every=10, all layers", 10)):
             analyzer = Master_analyzer(model, Path(folder) / f"every{every}", None, verbose=False)
+            started = time.perf_counter()
+            wrapped(analyzer, every)
+            first = time.perf_counter() - started
+            if every == 1:
+                print(f"first recorded step (builds the statistics kernel if it compiles): {first:.1f} s")
             started = time.perf_counter()
             for _ in range(max(args.warmup, 1)):
                 wrapped(analyzer, every)
@@ -133,6 +145,7 @@ def main() -> None:
                 plain_times.append(times["plain"])
                 wrapped_times.append(times["wrapped"])
                 ratios.append(times["wrapped"] / times["plain"])
+            all_plain.extend(plain_times)
             started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -145,6 +158,30 @@ def main() -> None:
                 f"{statistics.median(wrapped_times) * 1e3:.1f} ms wrapped; "
                 f"warm-up {warm:.1f} s; save {saved:.1f} s, {len(files)} files"
             )
+
+    # the kernel alone and the floor, on the gradients of one more plain step (weights: what is recorded)
+    plain()
+    grads = [p.grad for name, p in model.named_parameters() if p.grad is not None and not name.endswith("bias")]
+    step = statistics.median(all_plain)
+    kernel = _median_time(lambda: _gradstats.grad_stats(grads), args.pairs)
+    floor = _median_time(lambda: [g.sum() for g in grads], args.pairs)
+    megabytes = sum(g.numel() * g.element_size() for g in grads) / 1e6
+    print(
+        f"statistics kernel alone: {kernel * 1e3:.1f} ms ({kernel / step:.2%} of a plain step); "
+        f"one read of the same {len(grads)} tensors ({megabytes:.0f} MB, a sum each): {floor * 1e3:.1f} ms "
+        f"({floor / step:.2%})"
+    )
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU time of ``fn`` over ``repeats`` calls (after one unmeasured call)."""
+    fn()
+    times = []
+    for _ in range(max(repeats, 5)):
+        begin = time.process_time()
+        fn()
+        times.append(time.process_time() - begin)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

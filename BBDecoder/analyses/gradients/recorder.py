@@ -160,8 +160,11 @@ class Recorder:
         dests: list[torch.Tensor] = []
         device: torch.device | None = self.data.device if self.data is not None else None
         for group in plan.groups(grads, present):
-            flats = [gradstats.flat(grads[i].detach()) for i in group.positions]  # type: ignore[union-attr]
-            stats, order = gradstats.grad_stats(flats, allow_empty=plan.dtensors)
+            stats, order = gradstats.grad_stats(
+                [grads[i] for i in group.positions],  # type: ignore[misc]
+                allow_empty=plan.dtensors,
+                scale=scale,  # unscaled in float64 inside the kernel, before the float32 result
+            )
             if device is None:
                 device = stats.device
             elif stats.device != device:
@@ -177,8 +180,6 @@ class Recorder:
             data = self._ensure(device)  # type: ignore[arg-type]
             stats = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
             dest = dests[0] if len(dests) == 1 else torch.cat(dests)
-            if scale is not None:
-                stats[:, :3].div_(scale.to(stats.device, non_blocking=True))
             data[self.rows].index_copy_(0, dest, stats)
         elif self.data is None or self.data.shape[0] <= self.rows:
             self._ensure(torch.device("cpu") if self.data is None else self.data.device)
@@ -210,12 +211,13 @@ class Recorder:
         for groups, indices in by_groups.values():
             where = torch.tensor(indices, dtype=torch.long, device=data.device)
             part = rows.index_select(1, where)  # (rows, columns, 4): this shard's statistics
+            part = part.double()  # squares of a large shard L2 overflow float32; sums are exact in float64
             sums = torch.stack([part[..., 0], part[..., 1].square(), part[..., 3]], dim=-1).contiguous()
             top = part[..., 2].nan_to_num(nan=math.inf, posinf=math.inf)  # MAX of NaN is backend-defined: see below
             distributed.all_reduce_sum_max(sums, top, groups)
             l1 = sums[..., 0]
             whole = torch.stack([l1, sums[..., 1].sqrt(), torch.where(torch.isnan(l1), l1, top), sums[..., 2]], dim=-1)
-            rows.index_copy_(1, where, whole)
+            rows.index_copy_(1, where, whole.to(rows.dtype))
 
     def signature(self) -> list[int]:
         """Integers that agree on every rank that recorded the same steps (checked before reducing)."""
