@@ -170,7 +170,7 @@ def test_gradients(values: tuple[Any, ...]) -> None:
 def test_cached_selection_is_checked_again(tmp_path: Path) -> None:
     """``5`` then ``5.0``, ``True`` after ``1``, ``[False]`` after ``[0]``: equal hashes, still refused."""
     wm, model = analyzer(str(tmp_path))
-    for good, bad in ((1, 1.0), (1, True), ([0], [False]), (1, 1 + 0j)):
+    for good, bad in ((4, 4.0), (1 + 3, True), ([0], [False]), (4, 4 + 0j)):
         model.zero_grad()
         wm.backward_propagation(model(X).sum(), collect_grads=True, layer_inds=good)
         model.zero_grad()

@@ -129,7 +129,8 @@ def collect(store: Store) -> dict[str, Any]:
         by_section.setdefault(entry.section, []).append(entry)
 
     costs = _costs(store.root, by_section.get("costs", []))
-    alerts = _alerts(store.root, by_section.get("gradients", []))
+    health = [e for name in ("gradients", "activations", "updates") for e in by_section.get(name, [])]
+    alerts = _alerts(store.root, health)  # every alerts.json: gradients, activation health, update ratios
     layers = _layer_rows(run, costs["by_id"], {a["layer_id"] for a in alerts if a.get("layer_id") is not None})
     sections = {
         "architecture": _architecture(by_section.get("architecture", [])),

@@ -448,6 +448,8 @@ def _check_loss(loss: Any, backward_kwargs: dict[str, Any] | None = None) -> Non
             )
         if not items:
             raise BBDecoderValueError("inputs=[] names no tensor to accumulate gradients into; leave it None for all")
+        if not all(item.requires_grad for item in items):
+            raise BBDecoderValueError("inputs must be tensors that require grad (the parameters to accumulate into)")
 
 
 def _check_flag(value: Any, name: str) -> bool:
