@@ -453,7 +453,7 @@ def test_torchrun_example_ddp(tmp_path: Path) -> None:
     assert example_numbers(out).shape == (30, 5)
     files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
     assert not [f for f in files if "-1." in f]  # one writer: no name was ever taken twice
-    assert {"report.html", "gradients/epoch_001_flow.png", "features/0_0/frame_0001.npy"} <= set(files)
+    assert {"report.html", "gradients/epoch_001_flow.png", "features/000_0/frame_0001.npy"} <= set(files)
     rows = read_csv(out / "similarity" / "similarity.csv")
     assert [int(r["samples"]) for r in rows] == [2 * WORLD] * 4  # 2 layers × 2 epochs, every rank's samples
 
