@@ -425,3 +425,38 @@ def test_bad_arguments(tmp_path: Path) -> None:
         wm.forward_propagation(x, collect_acts=True, layer_inds="nope")
     with pytest.raises(LayerSelectionError):
         wm.forward_propagation(x, layer_inds=99)  # checked even when not recording
+
+
+# ----------------------------------------------------------------- readability
+@pytest.mark.parametrize("count", [5, 40, 500])
+def test_figures_stay_readable(count: int) -> None:
+    """Under 4,000 px on the long side at the store's 110 dpi, no text under 8 px (issue 13's rules)."""
+    import io
+
+    from matplotlib.text import Text
+    from PIL import Image
+
+    from BBDecoder.plots.activations import activation_health_figure, activation_heatmap_figure
+
+    rng = np.random.default_rng(0)
+    labels = [f"{i} layer{i // 4}.{i % 4}.relu" for i in range(count)]
+    stats = {name: rng.random(min(count, 40)) for name in ("mean", "std", "max_abs", "zero_frac", "dead_frac")}
+    stats["saturated_frac"] = np.where(rng.random(min(count, 40)) > 0.5, rng.random(min(count, 40)), np.nan)
+    figures = [
+        activation_health_figure(labels[:40], stats, ["ok"] * min(count, 40), title="health"),
+        activation_heatmap_figure(
+            rng.random((count, 300)),
+            np.where(rng.random((count, 1)) > 0.7, rng.random((count, 300)), np.nan),
+            labels,
+            np.arange(300),
+            np.repeat(np.arange(3), 100),
+        ),
+    ]
+    for figure in figures:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        buffer.seek(0)
+        with Image.open(buffer) as image:
+            assert max(image.size) <= 4000, image.size
+        sizes = [t.get_fontsize() * 110 / 72 for t in figure.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert min(sizes) >= 8.0

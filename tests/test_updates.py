@@ -374,3 +374,37 @@ def test_end_to_end_alerts_for_a_layer_with_lr_zero(tmp_path: Path) -> None:
     ((*_, first),) = received
     assert isinstance(first, UpdateRow)
     assert math.isfinite(report.median_log10)
+
+
+@pytest.mark.parametrize("count", [5, 40])
+def test_figure_stays_readable(count: int) -> None:
+    """Under 4,000 px on the long side at the store's 110 dpi, no text under 8 px (pages hold 40 layers)."""
+    import io
+
+    from matplotlib.text import Text
+    from PIL import Image
+
+    from BBDecoder.plots.updates import update_ratio_figure
+
+    rng = np.random.default_rng(0)
+    ratios = 10.0 ** rng.normal(-3, 0.5, (count, 2000))  # long epochs are binned
+    status = ["ok"] * count
+    status[0], status[-1] = "small", "large"
+    figure = update_ratio_figure(
+        [f"{i} layer{i}.conv" for i in range(count)],
+        np.arange(2000),
+        ratios,
+        np.median(ratios, axis=1),
+        status,
+        center=-3.0,
+        far=1.0,
+        small=1e-7,
+        large=0.1,
+    )
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        assert max(image.size) <= 4000, image.size
+    sizes = [t.get_fontsize() * 110 / 72 for t in figure.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert min(sizes) >= 8.0

@@ -9,21 +9,25 @@ the model's total whenever all counted ops run inside a top-level child.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..core import checks
 from ..core.forward import hooked_forward
 from ..core.layers import Layer
 from ..core.model import input_spec, validate_input_size
 from ..core.tree import as_call, shape_of, tensors, to_device
 from ..errors import BBDecoderTypeError, BBDecoderValueError
+from ..output import layout
 from ._base import AnalyzerBase
 
 COST_KEYS = ("id", "name", "params", "forward_flops", "backward_flops", "forward_ms", "activation_bytes")
@@ -91,6 +95,7 @@ class CostMixin(AnalyzerBase):
         for argument, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise BBDecoderValueError(f"{argument} must be an int >= {least}, got {argument}={value!r}")
+            checks.integer(value, argument, low=least)  # and not so many passes that it would not finish
         return self._measure_costs(inputs, repeats=repeats, warmup=warmup)
 
     def _measure_costs(
@@ -151,33 +156,32 @@ class CostMixin(AnalyzerBase):
     def _count_flops(
         self, layers: list[Layer], inputs: tuple[tuple[Any, ...], dict[str, Any]]
     ) -> tuple[dict[int, int], dict[int, int], dict[str, Any]]:
-        """Forward and backward FLOPs per layer, and the model's totals."""
+        """Forward and backward FLOPs per layer, and the model's totals.
+
+        ``FlopCounterMode`` counts the ops; who gets them is decided here (its own module
+        tracker credits backward ops to whichever module its hooks left "active", e.g. a
+        final parameter-free dropout). See :class:`_FlopLedger`: a module's forward FLOPs
+        are what the counter gained during its calls; its backward FLOPs are what the
+        counter gained while the autograd nodes its forward created were running. A layer
+        gets its module's numbers plus those of every module inside it, so a container
+        that is never called itself (a ``ModuleList``) reports the sum of its children.
+        """
         trainable = [p for p in self.inner.parameters() if p.requires_grad]
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, self.hooks.session() as hooks:
+            ledger = _FlopLedger(self.inner, counter, hooks)
             output, _ = self._capture(inputs, [], "layer_costs", grad=True, keep_graph=True)
-            after_forward = counter.get_flop_counts()
+            model_forward = counter.get_total_flops()
             loss = _output_sum(output)
+            hooks.remove()  # module hooks off before the backward pass; node hooks follow
             if loss is not None and trainable:
-                # autograd.grad, not backward(): the user's .grad stay exactly as they were
-                torch.autograd.grad(loss, trainable, allow_unused=True)
-            after_backward = counter.get_flop_counts()
+                with ledger.backward_hooks():
+                    # autograd.grad, not backward(): the user's .grad stay exactly as they were
+                    torch.autograd.grad(loss, trainable, allow_unused=True)
+            model_backward = counter.get_total_flops() - model_forward
         del output, loss
-        names = _tracker_names(counter, self.inner)
-
-        def total(counts: Mapping[str, Mapping[Any, int]], key: str | None) -> int:
-            return int(sum(counts.get(key, {}).values())) if key is not None else 0
-
-        forward: dict[int, int] = {}
-        backward: dict[int, int] = {}
-        for layer in layers:
-            key = names.get(layer.module)
-            forward[layer.id] = total(after_forward, key)
-            backward[layer.id] = total(after_backward, key) - forward[layer.id]
-        model_forward = total(after_forward, "Global")
-        totals = {
-            "forward_flops": model_forward,
-            "backward_flops": total(after_backward, "Global") - model_forward,
-        }
+        forward = {layer.id: ledger.forward_of(layer.module) for layer in layers}
+        backward = {layer.id: ledger.backward_of(layer.module) for layer in layers}
+        totals = {"forward_flops": int(model_forward), "backward_flops": int(model_backward)}
         return forward, backward, totals
 
     # --------------------------------------------------------------- time
@@ -238,7 +242,11 @@ class CostMixin(AnalyzerBase):
     ) -> None:
         from ..plots.cost import flops_figure, time_figure
 
-        call = self.store.next_number(SECTION)
+        call = layout.next_number(self.store, SECTION)
+
+        def where(kind: str) -> str:
+            return layout.relative_path(SECTION, kind, call=call)
+
         meta = {
             "call": call,
             **{f"total_{k}": v for k, v in totals.items()},
@@ -248,7 +256,7 @@ class CostMixin(AnalyzerBase):
         }
         table = [{**row, **more} for row, more in zip(rows, extra, strict=True)]
         csv_path = self.store.write_csv(
-            f"{SECTION}/layer_costs.csv",
+            where("csv"),
             CSV_COLUMNS,
             ([row[c] for c in CSV_COLUMNS] for row in table),
             section=SECTION,
@@ -265,7 +273,7 @@ class CostMixin(AnalyzerBase):
                 total_backward=totals["backward_flops"],
                 title=f"{model}: FLOPs per layer at depth {self.layers.depth}, input {input_shape}",
             )
-            self.store.save_figure(figure, f"{SECTION}/flops.png", section=SECTION, meta={"kind": "flops", **meta})
+            self.store.save_figure(figure, where("flops"), section=SECTION, meta={"kind": "flops", **meta})
             figure = time_figure(
                 labels,
                 [row["forward_ms"] for row in rows],
@@ -275,31 +283,12 @@ class CostMixin(AnalyzerBase):
                 title=f"{model}: forward time per layer on {self.device.type}, input {input_shape} "
                 f"(median of {repeats}; whole forward {totals['forward_ms']:.3g} ms)",
             )
-            self.store.save_figure(figure, f"{SECTION}/time.png", section=SECTION, meta={"kind": "time", **meta})
+            self.store.save_figure(figure, where("time"), section=SECTION, meta={"kind": "time", **meta})
         where = f" → {self.store.relative(csv_path)}" if csv_path is not None else ""
         self._say(
             f"layer_costs: {len(rows)} layers, forward {totals['forward_flops']:,} FLOPs, backward "
             f"{totals['backward_flops']:,} FLOPs, forward {totals['forward_ms']:.3g} ms{where}"
         )
-
-
-def _tracker_names(counter: FlopCounterMode, root: nn.Module) -> dict[nn.Module, str]:
-    """The key under which ``FlopCounterMode`` filed each module's counts.
-
-    Its module tracker names the root by its class and children by their dotted path
-    (``ResidualNet.layer1.0``); its own module → name table is used when present, since
-    it also covers modules registered under two names.
-    """
-    names: dict[nn.Module, str] = {}
-    prefix = type(root).__name__
-    for name, module in root.named_modules():
-        names.setdefault(module, f"{prefix}.{name}" if name else prefix)
-    known = getattr(getattr(counter, "mod_tracker", None), "_known_modules", None)
-    if known is not None:
-        for module in list(names):
-            if module in known:
-                names[module] = known[module]
-    return names
 
 
 def _output_sum(output: Any) -> torch.Tensor | None:
@@ -316,3 +305,114 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
         return values[0], values[0]
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return float(q1), float(q3)
+
+
+class _FlopLedger:
+    """Credits the FLOPs a :class:`FlopCounterMode` counts to the module whose forward caused them.
+
+    Forward: every module of the model gets a pre- and a post-forward hook (for this one
+    pass, through the analyzer's hook session); a module's forward FLOPs are the counter's
+    growth between the two, summed over its calls (so a parent includes its children).
+
+    Backward: the post-forward hook also *claims* for its module every autograd node the
+    call created: the graph behind its outputs, back to nodes already claimed. Children
+    finish first, so a parent claims only what its own code created (``out + identity``).
+    Nodes that already existed when a module started (behind its inputs) are first
+    claimed for the module then running (its caller). During the backward pass each
+    claimed node gets a pre- and a post-hook; the counter's growth in between, less that of
+    nodes run inside it (reentrant checkpointing), is credited to the node's module. Every
+    counted backward op runs inside some node, so the credits add up to the counter's
+    total (nodes created outside every module, as the loss's own sum, hold no counted op).
+    """
+
+    def __init__(self, root: nn.Module, counter: FlopCounterMode, hooks: Any) -> None:
+        self.counter = counter
+        self.forward_flops: dict[nn.Module, int] = defaultdict(int)
+        self.backward_flops: dict[nn.Module, int] = defaultdict(int)
+        self.ran: set[nn.Module] = set()
+        self.owner: dict[Any, nn.Module] = {}  # autograd node -> module that created it
+        self._running: list[tuple[nn.Module, int]] = []
+        for module in dict.fromkeys(root.modules()):
+            hooks.forward_pre(module, self._enter, with_kwargs=True)
+            hooks.forward(module, self._leave)
+
+    # ------------------------------------------------------------ forward
+    def _enter(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self._running:  # nodes behind the inputs not yet claimed: the caller's own work
+            self._claim(self._running[-1][0], (args, kwargs))
+        self._running.append((module, self.counter.get_total_flops()))
+
+    def _leave(self, module: nn.Module, _args: Any, output: Any) -> None:
+        if not self._running or self._running[-1][0] is not module:
+            return  # a hook of a call that raised or was entered before this pass
+        _, start = self._running.pop()
+        self.forward_flops[module] += self.counter.get_total_flops() - start
+        self.ran.add(module)
+        self._claim(module, output)
+
+    def _claim(self, module: nn.Module, data: Any) -> None:
+        stack = [t.grad_fn for t in tensors(data) if t.grad_fn is not None]
+        owner = self.owner
+        while stack:
+            node = stack.pop()
+            if node in owner:
+                continue
+            owner[node] = module
+            stack.extend(following for following, _ in node.next_functions if following is not None)
+
+    # ----------------------------------------------------------- backward
+    @contextlib.contextmanager
+    def backward_hooks(self) -> Iterator[None]:
+        """Hooks on every claimed node for one backward pass; removed on exit.
+
+        The autograd engine runs a device's nodes one at a time on that device's thread, so
+        each thread keeps its own stack of running nodes.
+        """
+        local = threading.local()
+        handles = []
+
+        def running() -> list[list[int]]:  # [counter at start, FLOPs of nodes nested inside]
+            if not hasattr(local, "nodes"):
+                local.nodes = []
+            return local.nodes
+
+        def before(_grad_outputs: Any) -> None:
+            running().append([self.counter.get_total_flops(), 0])
+
+        def after_for(module: nn.Module) -> Any:
+            def after(_grad_inputs: Any, _grad_outputs: Any) -> None:
+                open_nodes = running()
+                if not open_nodes:
+                    return
+                start, nested = open_nodes.pop()
+                spent = self.counter.get_total_flops() - start
+                self.backward_flops[module] += spent - nested
+                if open_nodes:
+                    open_nodes[-1][1] += spent
+
+            return after
+
+        after_of = {module: after_for(module) for module in set(self.owner.values())}
+        try:
+            for node, module in self.owner.items():
+                if type(node).__name__ == "AccumulateGrad":  # writes .grad; torch.autograd.grad never runs it
+                    continue
+                handles.append(node.register_prehook(before))
+                handles.append(node.register_hook(after_of[module]))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.owner.clear()  # drops the graph
+
+    # ------------------------------------------------------------ results
+    def forward_of(self, module: nn.Module) -> int:
+        """Forward FLOPs of ``module``'s calls; for a module never called, the sum over its children."""
+        if module in self.ran:
+            return int(self.forward_flops[module])
+        return int(sum(self.forward_of(child) for child in dict.fromkeys(module.children())))
+
+    def backward_of(self, module: nn.Module) -> int:
+        """Backward FLOPs of the nodes created by ``module`` or any module inside it."""
+        credits: Mapping[nn.Module, int] = self.backward_flops
+        return int(sum(credits.get(inner, 0) for inner in dict.fromkeys(module.modules())))

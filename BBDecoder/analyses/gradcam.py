@@ -324,25 +324,25 @@ def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _warn_if_zero(cams: torch.Tensor, gradient: torch.Tensor, where: str, *, tokens: bool) -> None:
-    """Warn when a map is zero everywhere, and say why (the maps are then returned as zeros)."""
+    """Warn when maps are zero because no gradient reaches the layer's positions, and say why.
+
+    A map that is zero because every weighted activation is negative is a legitimate Grad-CAM
+    answer for that class (nothing there speaks for it) and is returned without a warning.
+    """
     zero = (cams.flatten(1).amax(dim=1) <= 0).tolist()
-    if not any(zero):
+    no_gradient = (gradient.flatten(1).abs().amax(dim=1) == 0).tolist()
+    samples = [i for i, (z, g) in enumerate(zip(zero, no_gradient, strict=True)) if z and g]
+    if not samples:
         return
-    samples = [i for i, z in enumerate(zero) if z]
-    if not bool(gradient.any()):
-        why = (
-            "no gradient reaches its spatial positions"
-            + (
-                ": the class token alone reaches the head from this layer (e.g. a ViT's final norm, whose "
-                "class token the classifier reads); pick an earlier block, e.g. the last encoder block's first norm"
-                if tokens
-                else "; pick a layer whose positions the output depends on"
-            )
-        )
-    else:
-        why = "every position's weighted activation is negative, and Grad-CAM keeps only the positive part"
+    why = (
+        "the class token alone reaches the head from this layer (e.g. a ViT's final norm, whose class token "
+        "the classifier reads); pick an earlier block, e.g. the last encoder block's first norm"
+        if tokens
+        else "pick a layer whose positions the output depends on"
+    )
     warnings.warn(
-        f"grad_cam: the map of {where} is zero everywhere for sample(s) {samples[:8]}: {why}",
+        f"grad_cam: the map of {where} is zero everywhere for sample(s) {samples[:8]}: no gradient reaches its "
+        f"spatial positions; {why}",
         BBDecoderWarning,
         stacklevel=4,
     )

@@ -9,6 +9,7 @@ every selected layer are then moved to the host in one copy per device. A bin ho
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -93,11 +94,15 @@ class LayerHistograms:
 def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Statistics, bin edges and counts of ``tensor``, as one vector on its device.
 
-    Two passes over blocks of ``chunk`` elements, never a host synchronisation: the first
-    finds the finite range, sums, and zero count; the second bins (``torch.bucketize``
-    against the edges, then ``scatter_add_``: unlike ``torch.histc`` or ``bincount``,
-    neither needs the range on the host) and counts saturated elements. A tensor with a
-    single value gets edges ``value ± 0.5``, as ``numpy.histogram`` does.
+    On an accelerator (and for CPU tensors above ``chunk`` elements), two passes over
+    blocks of ``chunk`` elements, never a host synchronisation: the first
+    finds the finite range, sums, and zero count; the second bins (then ``scatter_add_``:
+    unlike ``torch.histc`` or ``bincount``,
+    neither needs the range on the host; the bin comes from the equal widths, then a one-step
+    correction against the exact edges) and counts saturated elements. A tensor with a
+    single value gets edges ``value ± 0.5``, as ``numpy.histogram`` does. A CPU tensor of
+    at most ``chunk`` elements is done by numpy instead, with the same arithmetic (there is no
+    device to stay on, and a few numpy calls cost far less than forty small torch ops).
 
     Saturation: let the finite elements span ``[lo, hi]``, ``W = hi - lo``, ``A = max|w|``
     and ``n`` the finite count. Each end has a band of width ``e·W``, ``e = (1 - SATURATION)
@@ -125,6 +130,10 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
         (float32 on MPS) vector of ``len(_STATS) + 2 * bins + 1`` elements.
     """
     flat = tensor.detach().reshape(-1)
+    if flat.device.type == "cpu" and flat.numel() <= chunk:
+        # on the CPU there is no device to stay on: numpy does the same arithmetic in a few
+        # calls instead of some forty small torch ops (the overhead that dominated small tensors)
+        return torch.from_numpy(_host_histogram(flat.to(torch.float64).numpy(), bins))
     dtype = accumulator_dtype(flat.device)
 
     def zero() -> torch.Tensor:
@@ -160,11 +169,16 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
     low_band, high_band = low + band, high - band
     counts = torch.zeros(bins + 1, dtype=torch.int64, device=flat.device)  # last: non-finite
     centred, at_low, at_high = zero(), zero(), zero()
+    scale = bins / (last - first)
     for start in range(0, flat.numel(), chunk):
         block = flat[start : start + chunk].to(dtype)
         ok = torch.isfinite(block)
-        index = torch.bucketize(block, edges[1:-1], right=True)
-        index = torch.where(ok, index, bins)
+        # the bin from the equal widths, then a step to the exact edges where rounding put a value
+        # one bin off: numpy's convention, at a fraction of bucketize's binary search
+        guess = torch.where(ok, (block - first) * scale, 0).floor_().clamp_(0, bins - 1).to(torch.int64)
+        guess -= (block < edges[guess]).to(torch.int64)
+        guess += ((block >= edges[guess + 1]) & (guess < bins - 1)).to(torch.int64)
+        index = torch.where(ok, guess, bins)
         counts.scatter_add_(0, index, torch.ones_like(index))
         centred += torch.where(ok, block - mean, 0).square().sum()
         at_low += (ok & (block <= low_band)).sum()
@@ -181,6 +195,44 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
     numel = torch.full((), flat.numel(), dtype=dtype, device=flat.device)
     stats = torch.stack([numel, finite, total, squares, mean, std, data_min, data_max, zeros, saturated])
     return torch.cat([stats, edges, counts[:bins].to(dtype)])
+
+
+def _host_histogram(values: np.ndarray, bins: int) -> np.ndarray:
+    """:func:`tensor_histogram` of a float64 host array: the same statistics, edges, counts and saturation."""
+    ok = np.isfinite(values)
+    finite = int(np.count_nonzero(ok))
+    clean = values if finite == values.size else values[ok]
+    zeros = float(np.count_nonzero(values == 0))
+    nan = float("nan")
+    if finite:
+        low, high = float(clean.min()), float(clean.max())
+        total, squares = float(clean.sum()), float(np.dot(clean, clean))
+        mean = total / finite
+        centred = clean - mean
+        std = math.sqrt(float(np.dot(centred, centred)) / finite)
+        data_min, data_max = low, high
+    else:
+        low = high = total = squares = mean = std = 0.0
+        data_min = data_max = nan
+    first, last = (low - 0.5, high + 0.5) if high <= low else (low, high)
+    edges = first + (last - first) * (np.arange(bins + 1, dtype=np.float64) / bins)
+    edges[0], edges[-1] = first, last
+    if finite:  # the bin from the equal widths, then one step to the exact edges (as on the device)
+        guess = np.clip(np.floor((clean - first) * (bins / (last - first))), 0, bins - 1).astype(np.int64)
+        guess -= clean < edges[guess]
+        guess += (clean >= edges[guess + 1]) & (guess < bins - 1)
+        counts = np.bincount(guess, minlength=bins).astype(np.float64)
+    else:
+        counts = np.zeros(bins)
+    band = (1.0 - SATURATION) / 2 * (high - low)
+    at_low = float(np.count_nonzero(clean <= low + band)) if finite else 0.0
+    at_high = float(np.count_nonzero(clean >= high - band)) if finite else 0.0
+    even = (1.0 - SATURATION) / 2 * finite
+    enough = PILE_UP * even + 3.0 * math.sqrt(even) + 1.0
+    narrow = (high - low) <= (1.0 - SATURATION) * max(abs(low), abs(high))
+    saturated = 0.0 if narrow else sum(c for c in (at_low, at_high) if c - 1 > enough)
+    stats = [float(values.size), float(finite), total, squares, mean, std, data_min, data_max, zeros, saturated]
+    return np.concatenate([np.asarray(stats, dtype=np.float64), edges, counts])
 
 
 def _unpack(name: str, shape: tuple[int, ...], vector: np.ndarray, bins: int) -> ParamHistogram:

@@ -1,16 +1,169 @@
 """Figures: each function takes plain data and returns a ``matplotlib.figure.Figure``.
 
 Nothing here touches the model or writes files, and nothing uses pyplot's global state.
+
+Readability rules every figure follows, whatever the model's size (checked by
+``tests/test_readability.py`` for 5 to 500 tensors):
+
+* type is never smaller than :data:`MIN_FONT_PT` (7 pt: 10.7 px at the store's 110 dpi);
+* the long side stays under :data:`MAX_LONG_SIDE_IN` inches (4,000 px at 110 dpi): long
+  lists are grouped (by layer or block, the per-tensor detail one level down) or paged, and
+  every figure that pages says so in its title;
+* legends and the value axis sit at the top, where the eye starts (tall figures repeat the
+  axis at the bottom);
+* tick labels are plain numbers, never an offset such as ``1e-4+1`` (:class:`PlainFormatter`).
 """
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure, SubFigure
+from matplotlib.ticker import Formatter
+
+MIN_FONT_PT = 7.0
+"""The smallest type any figure uses."""
+STORE_DPI = 110
+"""The resolution :meth:`BBDecoder.output.store.Store.save_figure` renders at."""
+MAX_LONG_SIDE_IN = 34.0
+"""Longest side of any figure, in inches (3,740 px at 110 dpi, under the 4,000 px budget)."""
+MAX_WIDTH_IN = 11.0
+"""Widest figure: shown at 75% or more of its size in the report's 1,060-px column."""
 
 
-def new_figure(width: float, height: float, *, dpi: int = 100) -> Figure:
-    """A fresh Figure with constrained layout, independent of pyplot."""
-    return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+class PlotFigure(Figure):
+    """A ``Figure`` that measures its tight bounding box without a dry-run draw when it can.
+
+    ``savefig(..., bbox_inches="tight")`` makes matplotlib draw the whole figure once with
+    drawing disabled, to lay it out and to measure it, and then again for real. A figure
+    laid out by hand (``layout=None``, as most of these are) needs no layout pass: its tight
+    box is measured directly (the same ``get_tightbbox`` and padding matplotlib uses) and
+    handed to ``savefig`` as an explicit box, which skips the dry run, about a third of
+    the time of saving a chart. Anything else goes to ``Figure.savefig`` unchanged.
+    """
+
+    def savefig(self, fname: Any, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("bbox_inches") == "tight" and self.get_layout_engine() is None and not args:
+            import matplotlib as mpl
+            from matplotlib.backends.backend_agg import RendererAgg
+
+            dpi = kwargs.get("dpi") or mpl.rcParams["savefig.dpi"]
+            dpi = self.dpi if dpi == "figure" else float(dpi)
+            pad = kwargs.get("pad_inches")
+            pad = mpl.rcParams["savefig.pad_inches"] if pad in (None, "layout") else pad
+            original = self.dpi
+            try:
+                self.dpi = dpi
+                width, height = self.get_size_inches() * dpi
+                renderer = RendererAgg(int(width), int(height), dpi)
+                box = self.get_tightbbox(renderer, bbox_extra_artists=kwargs.get("bbox_extra_artists"))
+            finally:
+                self.dpi = original
+            kwargs["bbox_inches"] = box.padded(pad)
+        super().savefig(fname, *args, **kwargs)
+
+
+def new_figure(width: float, height: float, *, dpi: int = 100, layout: str | None = "constrained") -> Figure:
+    """A fresh :class:`PlotFigure` (constrained layout unless ``layout=None``), independent of pyplot."""
+    return PlotFigure(figsize=(width, min(height, MAX_LONG_SIDE_IN)), dpi=dpi, layout=layout)
+
+
+def with_header(
+    figure: Figure,
+    title: str,
+    handles: Sequence[Any] = (),
+    names: Sequence[str] = (),
+    *,
+    ncol: int = 3,
+    title_size: float = 10.0,
+) -> SubFigure:
+    """Split ``figure`` into a header (title, then legend) and the body that holds the plot.
+
+    Constrained layout puts a figure legend and a suptitle in the same band; a header
+    sub-figure stacks them instead, title first, where the eye starts. The title is also
+    the figure's label (``figure.get_label()``).
+
+    Returns:
+        The body sub-figure: add the axes there.
+    """
+    lines = title.count("\n") + 1
+    legend_rows = math.ceil(len(handles) / max(ncol, 1)) if handles else 0
+    header_in = 0.12 + 0.2 * lines * title_size / 10 + 0.24 * legend_rows
+    total = figure.get_figheight()
+    head, body = figure.subfigures(2, 1, height_ratios=[header_in, max(total - header_in, 0.5)])
+    head.text(0.005, 0.96, title, ha="left", va="top", fontsize=title_size, transform=head.transSubfigure)
+    if handles:
+        head.legend(
+            list(handles),
+            list(names),
+            loc="lower left",
+            bbox_to_anchor=(0.0, 0.0),
+            ncol=ncol,
+            fontsize=8,
+            frameon=False,
+        )
+    figure.set_label(title)
+    return body
+
+
+def panel_grid(
+    figure: Figure,
+    count: int,
+    columns: int,
+    *,
+    panel: tuple[float, float],
+    gap: tuple[float, float],
+    margins: tuple[float, float, float, float],
+    cells: Sequence[tuple[int, int]] | None = None,
+    sharex: bool = False,
+) -> list[Any]:
+    """``count`` axes on a fixed grid, placed by hand (inches), no layout engine.
+
+    Constrained layout measures every tick label of every panel at each draw, twice per
+    save with a tight bounding box; for a figure of small multiples that was most of the
+    time of writing it. The figure must already have its final size.
+
+    Args:
+        figure: the figure (``layout=None``).
+        count: number of panels.
+        columns: panels per row (unless ``cells`` place them).
+        panel: ``(width, height)`` of a panel.
+        gap: ``(horizontal, vertical)`` space between panels (tick labels, titles).
+        margins: ``(left, right, top, bottom)``.
+        cells: ``(row, column)`` of each panel (default: row-major).
+        sharex: share the x axis of the first panel.
+
+    Returns:
+        The axes, in the order of ``cells``.
+    """
+    width, height = figure.get_figwidth(), figure.get_figheight()
+    left, _, top, _ = margins
+    places = list(cells) if cells is not None else [divmod(i, columns) for i in range(count)]
+    axes: list[Any] = []
+    for row, column in places:
+        x0 = left + column * (panel[0] + gap[0])
+        y0 = height - top - row * (panel[1] + gap[1]) - panel[1]
+        box = (x0 / width, y0 / height, panel[0] / width, panel[1] / height)
+        axes.append(figure.add_axes(box, sharex=axes[0] if sharex and axes else None))
+    return axes
+
+
+def grid_size(
+    rows: int,
+    columns: int,
+    *,
+    panel: tuple[float, float],
+    gap: tuple[float, float],
+    margins: tuple[float, float, float, float],
+) -> tuple[float, float]:
+    """Figure size in inches for :func:`panel_grid` with these panels, gaps and margins."""
+    left, right, top, bottom = margins
+    width = left + columns * panel[0] + (columns - 1) * gap[0] + right
+    height = top + rows * panel[1] + (rows - 1) * gap[1] + bottom
+    return width, height
 
 
 def spread(count: int, limit: int) -> list[int]:
@@ -20,3 +173,203 @@ def spread(count: int, limit: int) -> list[int]:
     if limit <= 1:
         return [0][:limit]
     return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+
+
+def shorten(text: str, limit: int = 48) -> str:
+    """``text`` cut in the middle with ``…`` when longer than ``limit`` characters (ends kept)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 5
+    return f"{text[:head]}…{text[-(limit - 1 - head) :]}"
+
+
+def pages(count: int, size: int) -> list[range]:
+    """``range(count)`` cut into consecutive pages of at most ``size``."""
+    size = max(1, int(size))
+    return [range(start, min(start + size, count)) for start in range(0, count, size)] or [range(0)]
+
+
+def plain_number(value: float, step: float, scale: float | None = None) -> str:
+    """``value`` written with just enough digits to tell it from a neighbour ``step`` away.
+
+    Fixed notation when ``scale`` (the largest magnitude on the axis; default ``|value|``)
+    lies between 1e-3 and 1e5 (``0.99996``, ``1.00004``), else compact scientific
+    (``2.5e-5``); never an offset or a multiplier at the axis' end.
+    """
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    scale = magnitude if scale is None or not math.isfinite(scale) or scale <= 0 else scale
+    step = abs(step) if step and math.isfinite(step) else magnitude
+    if 1e-3 <= scale < 1e5:
+        text = f"{value:.{_decimals(step)}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    digits = min(12, _decimals(step / 10 ** math.floor(math.log10(magnitude))))
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _decimals(step: float) -> int:
+    """Fewest decimals that write ``step`` (a tick spacing such as 0.25 or 2e-5) exactly."""
+    for decimals in range(13):
+        if abs(round(step, decimals) - step) <= 1e-9 * step:
+            return decimals
+    return 12
+
+
+class PlainFormatter(Formatter):
+    """Tick labels as :func:`plain_number`: every label complete, no offset text."""
+
+    def __init__(self) -> None:
+        self._step = 0.0
+        self._scale: float | None = None
+
+    def set_locs(self, locs: Sequence[float]) -> None:
+        values = np.unique(np.asarray([v for v in locs if math.isfinite(v)], dtype=np.float64))
+        self._step = float(np.min(np.diff(values))) if values.size > 1 else 0.0
+        self._scale = float(np.abs(values).max()) if values.size else None
+        super().set_locs(locs)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return plain_number(float(x), self._step, self._scale)
+
+    def get_offset(self) -> str:
+        return ""
+
+
+class PowerFormatter(Formatter):
+    """Log-axis labels as plain text, ``1e-3`` or ``2e-3``: full-size digits (a superscript exponent
+    renders at 60% of the type size), and no mathtext, which was slow to lay out."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        if not math.isfinite(x) or x <= 0:
+            return ""
+        exponent = math.floor(math.log10(x) + 1e-9)
+        mantissa = x / 10.0**exponent
+        if abs(mantissa - 1) < 1e-6:
+            return f"1e{exponent}"
+        return f"{mantissa:.2g}e{exponent}"
+
+
+def log_axis(axis: Any, *, subs: Sequence[float] = (1.0,)) -> None:
+    """A log ``axis`` with ticks at ``subs`` × decades, plain-text labels and no minor ticks.
+
+    Minor ticks of a log axis cost a Tick (a line and a text) each, eight a decade, and
+    matplotlib's default labels go through mathtext: together they were most of the time
+    of saving a chart.
+    """
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    axis.set_major_locator(LogLocator(base=10.0, subs=tuple(subs), numticks=12))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(PowerFormatter())
+
+
+def text_column(
+    axes: Any,
+    x: float,
+    lines: Sequence[str],
+    *,
+    row_pt: float,
+    colors: Sequence[str] | None = None,
+    default: str = "black",
+    size: float = 8.0,
+    ha: str = "left",
+    family: str = "sans-serif",
+    transform: Any = None,
+    chunk: int = 24,
+) -> None:
+    """Row labels at ``y = 0, 1, 2, …`` (data, rows ``row_pt`` points apart) as a few multi-line texts.
+
+    Matplotlib (3.11) gives each line of a text a box ``fontsize × linespacing`` tall with
+    the glyphs centred in it, so with ``linespacing = row_pt / size`` and the text's top on
+    the first row's top edge every line sits centred on its row; ``chunk`` lines share one
+    text. A line whose colour is not ``default`` is drawn on its own, with the same spacing.
+    Each text costs about the same to lay out whatever its length, so a column of 240
+    labels is 10 texts instead of 240: seconds saved on every big chart.
+    """
+    spacing = row_pt / size
+    pad = 0.0
+    shades = list(colors) if colors is not None else [default] * len(lines)
+    options: dict[str, Any] = {"fontsize": size, "family": family, "ha": ha, "va": "top", "linespacing": spacing}
+    if transform is not None:
+        options["transform"] = transform
+    for start in range(0, len(lines), chunk):
+        rows = range(start, min(start + chunk, len(lines)))
+        plain = "\n".join(lines[i] if shades[i] == default else "" for i in rows)
+        if plain.strip():
+            axes.text(x, start - 0.5 + pad, plain, color=default, multialignment=ha, **options)
+        for i in rows:
+            if shades[i] != default and lines[i]:
+                axes.text(x, i - 0.5 + pad, lines[i], color=shades[i], **options)
+
+
+def bar_figure(
+    rows: int,
+    title: str,
+    handles: Sequence[Any],
+    *,
+    row_in: float,
+    longest_label: int,
+    width: float = 10.0,
+    right: float = 1.2,
+    label_pt: float = 8.0,
+    ncol: int = 3,
+) -> tuple[Figure, Any]:
+    """A figure with one axes of ``rows`` horizontal rows, laid out by hand: title, legend, axis on top.
+
+    The rows are exactly ``row_in`` tall, so labels can be drawn with :func:`text_column`;
+    the left margin fits ``longest_label`` characters. The title is the figure's label.
+
+    Returns:
+        ``(figure, axes)``; the caller sets the y limits to ``(rows - 0.5, -0.5)``.
+    """
+    lines = title.count("\n") + 1
+    legend_rows = math.ceil(len(handles) / max(ncol, 1)) if handles else 0
+    header = 0.15 + 0.2 * lines + 0.22 * legend_rows + 0.55  # title, legend, top axis
+    tall = rows > 25
+    left = min(4.2, 0.25 + 0.058 * longest_label * label_pt / 8)
+    bottom = 0.45 if tall else 0.15
+    height = max(2.2, header + row_in * rows + bottom)
+    figure = new_figure(width, height, layout=None)
+    figure.set_label(title)
+    figure.text(0.01, 1 - 0.1 / height, title, fontsize=10, va="top")
+    if handles:
+        figure.legend(
+            handles=list(handles),
+            loc="upper left",
+            bbox_to_anchor=(0.0, 1 - (0.2 + 0.2 * lines) / height),
+            ncol=ncol,
+            fontsize=8,
+            frameon=False,
+        )
+    axes = figure.add_axes((left / width, bottom / height, (width - left - right) / width, row_in * rows / height))
+    return figure, axes
+
+
+def row_labels(
+    axes: Any, labels: Sequence[str], colors: Sequence[str] | None = None, *, row_in: float, size: float = 8.0
+) -> None:
+    """Labels of the rows ``0..n-1`` left of ``axes``: tick labels for a few, :func:`text_column` for many."""
+    from matplotlib.transforms import blended_transform_factory
+
+    count = len(labels)
+    if count <= 30:
+        axes.set_yticks(range(count), list(labels), fontsize=size)
+        if colors is not None:
+            for tick, color in zip(axes.get_yticklabels(), colors, strict=True):
+                tick.set_color(color)
+        return
+    axes.set_yticks(range(count), [""] * count)
+    axes.tick_params(axis="y", length=0)
+    side = blended_transform_factory(axes.transAxes, axes.transData)
+    text_column(axes, -0.012, labels, row_pt=row_in * 72, colors=colors, size=size, ha="right", transform=side)
+
+
+def font_px(size_pt: float, dpi: int = STORE_DPI) -> float:
+    """Height in pixels of ``size_pt`` type at ``dpi``, as the browser shows it at 100% zoom."""
+    return size_pt * dpi / 72.0

@@ -5,6 +5,7 @@ Each function takes plain arrays and returns a ``matplotlib.figure.Figure``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -14,7 +15,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
-from . import new_figure
+from . import MAX_LONG_SIDE_IN, new_figure
 
 STD_COLOR = "#1f5fa8"
 MAX_COLOR = "#f2a541"
@@ -24,6 +25,7 @@ SATURATED_COLOR = "#8e44ad"
 PROBLEM_COLOR = "#c0392b"
 NOT_RUN_COLOR = "#7f7f7f"
 _MAX_COLUMNS = 1500
+LABEL_PT = 9.0  # vertical room one 8-pt row label needs
 
 
 def activation_health_figure(
@@ -52,7 +54,7 @@ def activation_health_figure(
     """
     n = len(labels)
     rows = np.arange(n)
-    figure = new_figure(13.0, max(3.0, 0.32 * n + 1.8))
+    figure = new_figure(11.0, max(3.0, 0.32 * n + 1.8))
     scale, fractions = figure.subplots(1, 2, sharey=True, width_ratios=[1, 1.2])
     std = np.asarray(stats["std"], dtype=np.float64)
     top = np.asarray(stats["max_abs"], dtype=np.float64)
@@ -139,7 +141,10 @@ def activation_heatmap_figure(
     else:
         saturated_labels = []
     heights = [max(1, m.shape[0]) for _, m in panels]
-    figure = new_figure(12.0, max(3.0, 0.26 * sum(heights) + 1.6 * len(panels)))
+    chrome = 1.6 * len(panels)
+    row_in = min(0.26, (MAX_LONG_SIDE_IN - chrome) / max(sum(heights), 1))  # many layers: thinner rows
+    every = max(1, math.ceil(LABEL_PT / (row_in * 72)))  # label every k-th row so labels never overlap
+    figure = new_figure(11.0, max(3.0, row_in * sum(heights) + chrome))
     grid = figure.add_gridspec(len(panels), 1, height_ratios=heights)
     cmap = colormaps["magma"].with_extremes(bad="#dddddd")
     for index, (name, matrix) in enumerate(panels):
@@ -156,7 +161,8 @@ def activation_heatmap_figure(
             extent=extent,
         )
         labels = layer_labels if index == 0 else saturated_labels
-        axes.set_yticks(np.arange(rows), labels, fontsize=8)
+        shown = range(0, rows, every)
+        axes.set_yticks(list(shown), [labels[i] for i in shown], fontsize=8)
         ticks, tick_labels = _ticks(its)
         axes.set_xticks(ticks, tick_labels, fontsize=8)
         changes = np.flatnonzero(np.diff(eps)) + 1 if width else np.array([], dtype=int)
@@ -173,7 +179,8 @@ def activation_heatmap_figure(
     figure.legend(
         handles=[Patch(color="#dddddd", label="not recorded / unbounded")], loc="outside lower left", fontsize=8
     )
-    figure.suptitle(title, x=0.01, ha="left")
+    note = f" (every {every}th of the layers labelled; all in the .npz)" if every > 1 else ""
+    figure.suptitle(title + note, x=0.01, ha="left")
     return figure
 
 

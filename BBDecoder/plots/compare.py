@@ -78,12 +78,12 @@ def overlay_figure(
     cols = min(4, count)
     rows = math.ceil(count / cols)
     height = 2.3 * rows + 1.1
-    width = 3.5 * cols + 0.6
+    width = 2.6 * cols + 0.6  # at most 11 inches: shown near full size in a page column
     figure = new_figure(width, height)
     # a fixed layout: constrained layout would cost more than drawing the curves (many small panels)
     figure.set_layout_engine("none")
     grid = figure.add_gridspec(
-        rows, cols, left=0.9 / width, right=0.98, bottom=0.65 / height, top=1 - 0.75 / height, hspace=0.5, wspace=0.25
+        rows, cols, left=0.75 / width, right=0.98, bottom=0.65 / height, top=1 - 0.75 / height, hspace=0.5, wspace=0.25
     )
     palette = run_colors(len(run_names))
     for index, panel in enumerate(panels):

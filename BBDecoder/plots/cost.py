@@ -1,19 +1,34 @@
-"""Bar charts of the cost of each layer: FLOPs (forward and backward) and forward time."""
+"""Bar charts of the cost of each layer: FLOPs (forward and backward) and forward time.
+
+Up to :data:`MAX_ROWS` layers every layer gets a row; beyond, the :data:`TOP_ROWS` costliest
+are drawn in model order and the rest summed into one row (every number is in
+``layer_costs.csv``). The legend and the value axis sit at the top; each row's numbers and
+shares of the model's total stand in one aligned column right of the bars.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter
+from matplotlib.transforms import blended_transform_factory
 
 from ..summary import printable
-from . import new_figure
+from . import bar_figure, row_labels, shorten, text_column
 
 _FORWARD = "#3b75af"
 _BACKWARD = "#ef8636"
+_OTHERS = "#98a2b3"
+MAX_ROWS = 70
+"""Most layers drawn one row each."""
+TOP_ROWS = 60
+"""Layers kept past :data:`MAX_ROWS` (the costliest); the others share one row."""
+_ROW_IN = 0.27
 
 
 def _si(value: float, unit: str) -> str:
@@ -24,35 +39,25 @@ def _si(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
-def _height(count: int) -> float:
-    return float(np.clip(1.2 + 0.32 * count, 2.6, 40.0))
+def keep_rows(weights: Sequence[float], limit: int = MAX_ROWS, top: int = TOP_ROWS) -> tuple[list[int], list[int]]:
+    """Rows to draw (model order) and rows summed into "others": all when at most ``limit``."""
+    count = len(weights)
+    if count <= limit:
+        return list(range(count)), []
+    order = np.argsort(-np.asarray(weights, dtype=float), kind="stable")
+    kept = sorted(int(i) for i in order[:top])
+    chosen = set(kept)
+    return kept, [i for i in range(count) if i not in chosen]
 
 
-def _label_bars(
-    axes: Axes,
-    values: Sequence[float],
-    positions: np.ndarray,
-    total: float,
-    text: Callable[[float], str],
-    *,
-    ends: np.ndarray | None = None,
-) -> None:
-    """Write ``text(value)`` and its share of ``total`` just right of each positive bar.
+def _share(value: float, total: float) -> str:
+    return f" ({100 * value / total:.0f}%)" if total > 0 and value > 0 else ""
 
-    ``ends``: where each label starts (default: the bar's end; a whisker's end for times).
-    """
-    for value, y, end in zip(values, positions, values if ends is None else ends, strict=True):
-        if value <= 0:
-            continue
-        share = f" ({100 * value / total:.0f}%)" if total > 0 else ""
-        axes.annotate(
-            f"{text(value)}{share}",
-            (end, y),
-            xytext=(3, 0),
-            textcoords="offset points",
-            va="center",
-            fontsize=7,
-        )
+
+def _value_column(axes: Axes, texts: Sequence[str]) -> None:
+    """Each row's numbers in one aligned column right of the bars (a few texts, not one per bar)."""
+    side = blended_transform_factory(axes.transAxes, axes.transData)
+    text_column(axes, 1.01, list(texts), row_pt=_ROW_IN * 72, default="0.15", size=7.5, transform=side)
 
 
 def flops_figure(
@@ -78,18 +83,42 @@ def flops_figure(
     Returns:
         The figure; each bar is labelled with its value and its share of the model's total.
     """
-    count = len(labels)
-    figure = new_figure(9.0, _height(count))
-    axes = figure.add_subplot(1, 1, 1)
+    kept, others = keep_rows([float(f) + float(b) for f, b in zip(forward, backward, strict=True)])
+    shown = [printable(labels[i]) for i in kept]
+    fwd = [float(forward[i]) for i in kept]
+    bwd = [float(backward[i]) for i in kept]
+    if others:
+        shown.append(f"{len(others)} other layers (sum)")
+        fwd.append(float(sum(forward[i] for i in others)))
+        bwd.append(float(sum(backward[i] for i in others)))
+    count = len(shown)
+    total_fwd, total_bwd = float(total_forward), float(total_backward)
+    handles = [
+        Patch(color=_FORWARD, label=f"forward (total {_si(total_fwd, 'FLOP')})"),
+        Patch(color=_BACKWARD, label=f"backward (total {_si(total_bwd, 'FLOP')})"),
+    ]
+    if others:
+        handles.append(Patch(color=_OTHERS, label="the other layers, summed"))
+    note = f"\n{len(kept)} costliest of {len(labels)} layers; every layer in layer_costs.csv" if others else ""
+    longest = max((len(label) for label in shown), default=8)
+    figure, axes = bar_figure(count, title + note, handles, row_in=_ROW_IN, longest_label=min(longest, 48), right=2.4)
     y = np.arange(count, dtype=float)
     height = 0.4
-    total_fwd, total_bwd = float(total_forward), float(total_backward)
-    axes.barh(y - height / 2, forward, height, color=_FORWARD, label=f"forward (total {_si(total_fwd, 'FLOP')})")
-    axes.barh(y + height / 2, backward, height, color=_BACKWARD, label=f"backward (total {_si(total_bwd, 'FLOP')})")
-    _label_bars(axes, [float(v) for v in forward], y - height / 2, total_fwd, _flop_text)
-    _label_bars(axes, [float(v) for v in backward], y + height / 2, total_bwd, _flop_text)
-    peak = float(max([*forward, *backward, 1]))
-    _finish(axes, labels, y, "FLOPs (multiply and add counted as 2)", peak, title, EngFormatter(unit="", sep=""))
+    bars = axes.barh(y - height / 2, fwd, height, color=_FORWARD)
+    back = axes.barh(y + height / 2, bwd, height, color=_BACKWARD)
+    if others:
+        bars[-1].set_color(_OTHERS)
+        back[-1].set_color(_OTHERS)
+    limit = float(max([*fwd[: len(kept)], *bwd[: len(kept)], 1])) * 1.05
+    _value_column(
+        axes,
+        [
+            f"{_flop_text(f)}{_share(f, total_fwd)} · {_flop_text(b)}{_share(b, total_bwd)}"
+            + (" →" if max(f, b) > limit else "")
+            for f, b in zip(fwd, bwd, strict=True)
+        ],
+    )
+    _finish(axes, shown, y, "FLOPs (multiply and add counted as 2)", limit, EngFormatter(unit="", sep=""))
     return figure
 
 
@@ -115,27 +144,38 @@ def time_figure(
     Returns:
         The figure.
     """
-    count = len(labels)
-    figure = new_figure(9.0, _height(count))
-    axes = figure.add_subplot(1, 1, 1)
+    kept, others = keep_rows([float(m) for m in median_ms])
+    shown = [printable(labels[i]) for i in kept]
+    median = np.asarray([float(median_ms[i]) for i in kept], dtype=float)
+    low = np.asarray([float(low_ms[i]) for i in kept], dtype=float)
+    high = np.asarray([float(high_ms[i]) for i in kept], dtype=float)
+    if others:
+        rest = float(sum(median_ms[i] for i in others))
+        shown.append(f"{len(others)} other layers (sum of medians)")
+        median, low, high = np.append(median, rest), np.append(low, rest), np.append(high, rest)
+    count = len(shown)
+    handles = [
+        Patch(color=_FORWARD, label="median forward time"),
+        Line2D([], [], color="#333333", marker="|", lw=0.8, label="25th–75th percentile"),
+    ]
+    if others:
+        handles.append(Patch(color=_OTHERS, label="the other layers, summed"))
+    note = f"\n{len(kept)} slowest of {len(labels)} layers; every layer in layer_costs.csv" if others else ""
+    longest = max((len(label) for label in shown), default=8)
+    figure, axes = bar_figure(count, title + note, handles, row_in=_ROW_IN, longest_label=min(longest, 48), right=1.3)
     y = np.arange(count, dtype=float)
-    median = np.asarray(median_ms, dtype=float)
-    high = np.asarray(high_ms, dtype=float)
-    errors = np.vstack([median - np.asarray(low_ms, dtype=float), high - median])
-    axes.barh(y, median, 0.6, color=_FORWARD, label="median forward time")
-    axes.errorbar(
-        median,
-        y,
-        xerr=np.clip(errors, 0, None),
-        fmt="none",
-        ecolor="#333333",
-        capsize=2,
-        lw=0.8,
-        label="25th–75th percentile",
+    errors = np.vstack([median - low, high - median])
+    bars = axes.barh(y, median, 0.6, color=_FORWARD)
+    if others:
+        bars[-1].set_color(_OTHERS)
+    axes.errorbar(median, y, xerr=np.clip(errors, 0, None), fmt="none", ecolor="#333333", capsize=2, lw=0.8)
+    kept_high = high[: len(kept)]
+    limit = float(max(np.max(kept_high) if len(kept_high) else 0.0, 1e-6)) * 1.05
+    whole = float(whole_ms)
+    _value_column(
+        axes, [f"{m:.3g} ms{_share(m, whole)}" + (" →" if h > limit else "") for m, h in zip(median, high, strict=True)]
     )
-    _label_bars(axes, median.tolist(), y, float(whole_ms), lambda ms: f"{ms:.3g} ms", ends=high)
-    peak = float(max(np.max(high) if count else 0.0, 1e-6))
-    _finish(axes, labels, y, "forward time per layer (ms)", peak, title)
+    _finish(axes, shown, y, "forward time per layer (ms)", limit)
     return figure
 
 
@@ -148,21 +188,20 @@ def _finish(
     labels: Sequence[str],
     y: np.ndarray,
     xlabel: str,
-    peak: float,
-    title: str,
+    limit: float,
     formatter: EngFormatter | None = None,
 ) -> None:
-    """Layer labels top to bottom, the x axis up to ``peak`` plus room for the bar labels, legend, title."""
-    axes.set_xlim(0, peak * 1.35)
-    axes.legend(loc="lower right", fontsize=8, frameon=False)
-    axes.set_title(title, fontsize=10)
-    axes.set_yticks(y)
-    axes.set_yticklabels([printable(label) for label in labels], fontsize=8)
-    axes.invert_yaxis()
-    axes.set_xlabel(xlabel)
+    """Layer labels top to bottom; the x axis up to ``limit`` at the top (and the bottom of long charts)."""
+    axes.set_xlim(0, limit)
+    row_labels(axes, [shorten(label, 48) for label in labels], row_in=_ROW_IN)
+    axes.set_ylim(len(labels) - 0.5, -0.5)
+    tall = len(labels) > 25
+    axes.xaxis.set_label_position("top")
+    axes.tick_params(axis="x", top=True, labeltop=True, bottom=tall, labelbottom=tall, labelsize=8)
+    axes.set_xlabel(xlabel, fontsize=9)
     if formatter is not None:
         axes.xaxis.set_major_formatter(formatter)
     axes.grid(axis="x", alpha=0.3)
     axes.set_axisbelow(True)
-    for side in ("top", "right"):
+    for side in ("right",) if tall else ("bottom", "right"):
         axes.spines[side].set_visible(False)

@@ -227,7 +227,7 @@ def _grid(data: np.ndarray, style: _Style) -> Figure:
     figure = new_figure(fig_w + 1.2, fig_h, dpi=style.dpi)
     ax = figure.add_subplot()
     image = ax.imshow(mosaic, cmap=style.scale.colormap(), norm=style.scale.norm(), interpolation="nearest")
-    font = 9 if cols <= 4 else 7 if cols <= 8 else 6 if cols <= 12 else 5
+    font = 9 if cols <= 4 else 8 if cols <= 8 else 7  # never below 7 pt (10.7 px at the store's 110 dpi)
     if rows * cols <= 256:
         for top, left, label in places:
             ax.text(

@@ -53,8 +53,10 @@ def gradcam_figure(image: np.ndarray | None, cam: np.ndarray, *, title: str, alp
     panels = 1 if image is None else 3
     height, width = cam.shape
     aspect = width / max(height, 1)
-    panel_width = float(np.clip(3.0 * aspect, 1.6, 6.0))
-    figure = new_figure(panel_width * panels + 0.9, 3.4)
+    # compact (about 600 px wide at the store's 110 dpi), so two fit side by side in the
+    # report at a scale where 8-pt type is still 8 px or more
+    panel_width = float(np.clip(1.65 * aspect, 1.3, 4.0))
+    figure = new_figure(panel_width * panels + 0.8, 2.45)
     grid = figure.add_gridspec(1, panels)
     grey = "gray" if image is not None and image.ndim == 2 else None
     if image is not None:
@@ -64,9 +66,10 @@ def gradcam_figure(image: np.ndarray | None, cam: np.ndarray, *, title: str, alp
         axes.set_axis_off()
     axes = figure.add_subplot(grid[0, 1 if image is not None else 0])
     shown = axes.imshow(cam, cmap=CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
-    axes.set_title("Grad-CAM (0 = least, 1 = most)", fontsize=9)
+    axes.set_title("Grad-CAM (0 least, 1 most)", fontsize=9)
     axes.set_axis_off()
-    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.03)
+    bar = figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.03)
+    bar.ax.tick_params(labelsize=8)
     if image is not None:
         axes = figure.add_subplot(grid[0, 2])
         axes.imshow(image, cmap=grey, vmin=0.0, vmax=1.0, interpolation="nearest")

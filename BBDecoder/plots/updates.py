@@ -60,7 +60,7 @@ def update_ratio_figure(
         The figure.
     """
     n = len(labels)
-    figure = new_figure(14.0, max(4.0, min(0.28 * n + 1.8, 16.0)))
+    figure = new_figure(11.0, max(4.0, min(0.28 * n + 1.8, 16.0)))
     over, per_layer = figure.subplots(1, 2, width_ratios=[1.7, 1])
     steps = np.asarray(steps)
     ratios = np.asarray(ratios, dtype=np.float64).reshape(n, -1)

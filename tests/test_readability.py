@@ -1,0 +1,354 @@
+"""Issue 13: figures and statistics that stay readable and honest on big models.
+
+Every figure function is fed synthetic data for 5, 100 and 500 tensors (or layers) and
+saved the way the store saves it (110 dpi, tight bounding box); each must stay under
+4,000 px on its long side, and no text may be smaller than 8 px at 100% zoom. Then the
+statistics: saturation is not flagged for norm layers at init (nor for default
+initialisations), is flagged for weights piling up at the ends of their range; backward
+FLOPs go to the layer whose forward created the work; a container that never runs itself
+reports the sum of its children.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+from models import DropoutHeadNet, ResNet50Like, TinyGPT
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from BBDecoder import Master_analyzer
+from BBDecoder.analyses.weights import LayerHistograms, ParamHistogram, histogram_arrays, load_histograms
+from BBDecoder.analyses.weights import tensor_histogram as _tensor_histogram
+from BBDecoder.plots import STORE_DPI, PlainFormatter
+from BBDecoder.plots import cost as cost_plots
+from BBDecoder.plots import gradients as grad_plots
+from BBDecoder.plots import similarity as sim_plots
+from BBDecoder.plots import weights as weight_plots
+
+SIZES = (5, 100, 500)
+MAX_PX = 4000
+MIN_TEXT_PX = 8.0
+
+
+# ------------------------------------------------------------------ helpers
+def saved_size(figure: Figure) -> tuple[int, int]:
+    """Pixel size of ``figure`` saved as the store saves it (``Store.save_figure``)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=STORE_DPI, bbox_inches="tight")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.size
+
+
+def smallest_text_px(figure: Figure) -> float:
+    """The smallest visible, non-empty text of ``figure``, in pixels at the store's dpi."""
+    figure.canvas.draw()  # tick labels exist only once drawn
+    sizes = [
+        text.get_fontsize() * STORE_DPI / 72
+        for text in figure.findobj(Text)
+        if text.get_visible() and text.get_text().strip() and _on_figure(text)
+    ]
+    return min(sizes, default=math.inf)
+
+
+def _on_figure(text: Text) -> bool:
+    axes = text.axes
+    if axes is not None and not axes.get_visible():
+        return False
+    return text.get_window_extent().width > 0
+
+
+def check(figure: Figure) -> tuple[int, int]:
+    width, height = saved_size(figure)
+    assert max(width, height) <= MAX_PX, (width, height)
+    assert smallest_text_px(figure) >= MIN_TEXT_PX
+    return width, height
+
+
+def row_labels_of(axes: Any) -> list[str]:
+    """The row labels of a bar chart, whether drawn as tick labels or as text columns left of the axes."""
+    ticks = [tick.get_text() for tick in axes.get_yticklabels()]
+    if any(ticks):
+        return ticks
+    rows: dict[int, str] = {}
+    for text in axes.texts:
+        x, y = text.get_position()
+        if x >= 0:
+            continue  # the notes, right of the bars
+        for offset, line in enumerate(text.get_text().split("\n")):
+            if line:
+                rows[round(y + 0.5) + offset] = line
+    return [rows[i] for i in sorted(rows)]
+
+
+def tensor_labels(count: int) -> list[str]:
+    """``"ID name.param"`` labels of a ResNet-like model at depth 2 with ``count`` tensors."""
+    labels = []
+    per_block = 6
+    for index in range(count):
+        block, slot = divmod(index, per_block)
+        stage, inner = divmod(block, 4)
+        module = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")[slot]
+        labels.append(f"{block + 2} layer{stage + 1}.{inner}.{module}.weight")
+    return labels
+
+
+def flow_data(count: int) -> dict[str, Any]:
+    rng = np.random.default_rng(count)
+    mean = 10.0 ** rng.uniform(-7, -1, count)
+    top = mean * 10.0 ** rng.uniform(0.5, 2, count)
+    status = ["ok"] * count
+    for index, state in ((1, "zero"), (2, "frozen"), (3, "nonfinite")):
+        if index < count:
+            status[index] = state
+            mean[index] = 0.0 if state == "zero" else np.nan
+            top[index] = 0.0 if state == "zero" else np.nan if state == "frozen" else np.inf
+    return {"labels": tensor_labels(count), "mean_abs": mean, "max_abs": top, "status": status}
+
+
+def norm_panels(count: int, iterations: int = 60) -> list[grad_plots.NormPanel]:
+    rng = np.random.default_rng(count)
+    its = np.arange(100, 100 + iterations)
+    return [
+        grad_plots.NormPanel(
+            f"{i} layer{i // 20}.{i % 20}",
+            its,
+            10.0 ** rng.normal(-1 - i % 5, 0.2, iterations),
+            10.0 ** rng.normal(-2 - i % 5, 0.2, iterations),
+        )
+        for i in range(count)
+    ]
+
+
+def histogram(name: str, values: np.ndarray, bins: int = 100) -> ParamHistogram:
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    vector = _tensor_histogram(tensor, bins).numpy()
+    from BBDecoder.analyses.weights import _unpack
+
+    return _unpack(name, tuple(tensor.shape), vector, bins)
+
+
+def layer_histograms(count: int, call: int = 1, drift: float = 0.0) -> LayerHistograms:
+    rng = np.random.default_rng(count + call)
+    layer = LayerHistograms(7, "features.denseblock4", "DenseBlock", call)
+    for index in range(count):
+        unit, slot = divmod(index, 3)
+        if slot == 1:  # a norm layer's γ near init: narrow around 1
+            values = 1 + 4e-5 * rng.standard_normal(64) + drift * 0.01
+            name = f"denselayer{unit + 1}.norm.weight"
+        elif slot == 2:
+            values = np.clip(rng.standard_normal(200), -1, 1) if unit == 3 else rng.standard_normal(64) * 0.01
+            name = f"denselayer{unit + 1}.norm.bias"
+        else:
+            values = rng.uniform(-0.05, 0.05, (16, 8, 3, 3)) * (1 + drift)
+            name = f"denselayer{unit + 1}.conv.weight"
+        layer.params.append(histogram(name, values))
+    return layer
+
+
+# ---------------------------------------------------------------- figures
+@pytest.mark.parametrize("count", SIZES)
+def test_gradient_flow_stays_readable(count: int) -> None:
+    data = flow_data(count)
+    figure = grad_plots.gradient_flow_figure(**data, title="flow", vanish_threshold=1e-8, explode_threshold=1e3)
+    check(figure)
+    (axes,) = figure.axes
+    assert axes.xaxis.get_label_position() == "top"  # the log axis is where the eye starts
+    rows = len(row_labels_of(axes))
+    assert rows == count if count <= grad_plots.FLOW_PAGE else rows <= grad_plots.FLOW_PAGE
+    if count > grad_plots.FLOW_PAGE:  # grouped: one row per block, the detail paged
+        assert "per-tensor detail" in figure.get_label()
+    pages = grad_plots.gradient_flow_pages(**data, title="flow")
+    assert len(pages) == math.ceil(count / grad_plots.FLOW_PAGE)
+    shown = [label for page in pages for label in row_labels_of(page.axes[0])]
+    assert shown == data["labels"]  # every tensor, once, in order
+    limits = {page.axes[0].get_xlim() for page in pages}
+    assert len(limits) == 1  # every page on the same axis
+    for page in pages[:2] + pages[-1:]:
+        check(page)
+    if len(pages) > 1:
+        assert "page 2 of" in pages[1].get_label() and f"{grad_plots.FLOW_PAGE} a page" in pages[1].get_label()
+
+
+def test_flow_groups_follow_the_module_tree() -> None:
+    labels = tensor_labels(107)
+    groups = grad_plots.flow_groups(labels, max_rows=60)
+    assert len(groups) <= 60
+    assert sorted(i for _, members in groups for i in members) == list(range(107))
+    assert groups[0][0] == "2 layer1.0"  # one row per block
+    depth_one = grad_plots.flow_groups([f"0 features.denseblock{i % 4}.layer{i}.weight" for i in range(242)], 60)
+    assert [label for label, _ in depth_one] == [f"0 features.denseblock{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("count", SIZES)
+def test_norm_curves_stay_readable(count: int) -> None:
+    panels = norm_panels(count)
+    pages = grad_plots.norm_curves_pages(panels, title="norms", skipped=[110])
+    assert len(pages) == math.ceil(count / grad_plots.NORM_PAGE)
+    for page in pages[:1] + pages[-1:]:
+        check(page)
+    first = pages[0]
+    ranges = {axes.get_ylim() for axes in first.axes}
+    assert len(ranges) == 1  # shared y scale by default, across pages too
+    assert {axes.get_ylim() for page in pages for axes in page.axes} == ranges
+    first.canvas.draw()
+    ticks = [float(t.get_text().replace("−", "-")) for t in first.axes[-1].get_xticklabels() if t.get_text()]
+    assert ticks and all(value == int(value) for value in ticks)  # integer iterations
+    own = grad_plots.norm_curves_figure(panels[:5], title="own", y_scale="panel")
+    assert len({axes.get_ylim() for axes in own.axes}) > 1
+    with pytest.raises(ValueError, match="norm_curves_pages"):
+        grad_plots.norm_curves_figure(norm_panels(grad_plots.MAX_NORM_PANELS + 1), title="too many")
+
+
+@pytest.mark.parametrize("count", SIZES)
+def test_heatmap_stays_readable(count: int) -> None:
+    rng = np.random.default_rng(0)
+    matrix = 10.0 ** rng.normal(-3, 1, (count, 300))
+    figure = grad_plots.gradient_heatmap_figure(
+        matrix, [f"{i} layer.{i}" for i in range(count)], np.arange(300), np.repeat(np.arange(3), 100)
+    )
+    check(figure)
+
+
+@pytest.mark.parametrize("count", SIZES)
+def test_weight_histograms_stay_readable(count: int) -> None:
+    first = layer_histograms(count)
+    figure = weight_plots.weight_histogram_figure(first)
+    check(figure)
+    if count > weight_plots.MAX_PANELS:  # a container: one summary, not a wall of panels
+        assert len(figure.axes) <= 4  # one panel per kind of tensor
+    history = [first, layer_histograms(count, call=2, drift=0.5), layer_histograms(count, call=3, drift=1.0)]
+    check(weight_plots.weight_evolution_figure(history))
+
+
+@pytest.mark.parametrize("count", SIZES)
+def test_cost_and_similarity_stay_readable(count: int) -> None:
+    rng = np.random.default_rng(count)
+    labels = [f"{i} features.block{i}" for i in range(count)]
+    forward = rng.integers(0, 10**9, count)
+    totals = {"total_forward": int(forward.sum()), "total_backward": int(2 * forward.sum())}
+    check(cost_plots.flops_figure(labels, forward, 2 * forward, **totals, title="t"))
+    ms = rng.uniform(0.01, 3, count)
+    check(cost_plots.time_figure(labels, ms, ms * 0.9, ms * 1.1, whole_ms=float(ms.sum()), title="t"))
+    check(sim_plots.similarity_bar_figure(labels, rng.uniform(0, 1, count).tolist(), "cosine", 1, 3))
+    series = {("cosine", "1"): {label: [(c, float(rng.uniform())) for c in (1, 2, 3)] for label in labels}}
+    check(sim_plots.similarity_trend_figure(series))
+
+
+def test_tick_labels_never_use_offsets() -> None:
+    formatter = PlainFormatter()
+    locs = [0.99996, 0.99998, 1.0, 1.00002, 1.00004]
+    labels = formatter.format_ticks(locs)
+    assert labels == ["0.99996", "0.99998", "1", "1.00002", "1.00004"]
+    assert formatter.get_offset() == ""
+    assert PlainFormatter().format_ticks([-2e-5, 0.0, 2e-5]) == ["-2e-5", "0", "2e-5"]
+    gamma = histogram("norm.weight", 1 + 4e-5 * np.random.default_rng(0).standard_normal(64))
+    figure = weight_plots.weight_histogram_figure(LayerHistograms(1, "bn1", "BatchNorm2d", 1, [gamma]))
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    assert axes.xaxis.get_offset_text().get_text() == ""
+    assert all("e-4+1" not in t.get_text() and "+1" not in t.get_text() for t in axes.get_xticklabels())
+
+
+# ------------------------------------------------------------- saturation
+def saturation(values: torch.Tensor) -> float:
+    return histogram("w", values.detach().double().numpy()).saturation_fraction
+
+
+def test_norm_layers_at_init_are_not_saturated() -> None:
+    torch.manual_seed(0)
+    for module in (nn.BatchNorm2d(64), nn.LayerNorm(768), nn.BatchNorm1d(2048)):
+        for param in module.parameters():  # γ = 1 and β = 0 exactly: constant tensors
+            assert saturation(param) == 0.0
+            near = param.detach() + 4e-5 * torch.randn_like(param)  # after a few steps: ≈1 ± 4e-5
+            assert saturation(near) == 0.0
+        # Adam's sign-like first step puts every γ at 1 ± lr: narrow, not saturated. (β = 0 ± lr is two-valued
+        # around 0, as a binarised weight is, and is counted as saturated until the next steps spread it.)
+        steps = module.weight.detach() + 1e-3 * torch.sign(torch.randn_like(module.weight))
+        assert saturation(steps) == 0.0
+    for module in (nn.Linear(128, 64), nn.Conv2d(3, 16, 3), nn.Conv2d(64, 64, 1), nn.Embedding(100, 16)):
+        for param in module.parameters():  # default initialisations: uniform or normal
+            assert saturation(param) == 0.0
+
+
+def test_weights_piling_up_at_the_extremes_are_saturated() -> None:
+    torch.manual_seed(0)
+    clipped = torch.randn(256, 128).clamp(-1.0, 1.0)  # weight clipping (WGAN)
+    expected = float((clipped.abs() >= 0.99).double().mean())
+    assert saturation(clipped) == pytest.approx(expected)
+    assert 0.3 < saturation(clipped) < 0.34
+    assert saturation(torch.sign(torch.randn(1000))) == 1.0  # binarised
+    one_sided = torch.randn(5000).clamp(max=1.0)
+    band = 1.0 - 0.005 * (1.0 - float(one_sided.min()))  # the top 0.5% of the range
+    assert saturation(one_sided) == pytest.approx(float((one_sided >= band).double().mean()))
+    linear = nn.Linear(64, 32)
+    with torch.no_grad():  # pressed against a max-norm limit: a quarter of the weights at ±max
+        bound = linear.weight.abs().max().item()
+        linear.weight[:8] = bound * torch.sign(linear.weight[:8])
+    assert 0.25 <= saturation(linear.weight) < 0.27  # the quarter, and the few others in the bands
+
+
+def test_saturation_is_saved_and_shaded_only_where_it_piles_up(tmp_path: Path) -> None:
+    clipped = histogram("clipped", torch.randn(4000).clamp(max=1.0).numpy())
+    assert weight_plots.saturated_ends(clipped) == (False, True)
+    assert weight_plots.saturated_ends(histogram("flat", np.linspace(-1, 1, 1000))) == (False, False)
+    layer = LayerHistograms(0, "fc", "Linear", 1, [clipped])
+    np.savez(tmp_path / "h.npz", **histogram_arrays(layer))
+    assert load_histograms(tmp_path / "h.npz").params[0].saturation_fraction == clipped.saturation_fraction > 0
+
+
+# ----------------------------------------------------------------- FLOPs
+def costs(model: nn.Module, example: Any, tmp_path: Path, depth: int = 1) -> tuple[dict[str, dict], dict[str, Any]]:
+    wm = Master_analyzer(model, tmp_path, depth=depth, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = {row["name"]: row for row in wm.layer_costs(example, repeats=1, warmup=0)}
+    counter = FlopCounterMode(display=False)
+    model.eval()
+    with counter:
+        out = model(example)
+        forward = counter.get_total_flops()
+        torch.autograd.grad(out.float().sum(), [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    model.train()
+    return rows, {"forward": forward, "backward": counter.get_total_flops() - forward}
+
+
+def test_backward_flops_go_to_the_layer_whose_forward_made_the_work(tmp_path: Path) -> None:
+    rows, totals = costs(DropoutHeadNet(), torch.randn(2, 3, 8, 8), tmp_path)
+    for name in ("avgpool", "dropout"):  # parameter-free, no forward FLOPs: no backward FLOPs
+        assert rows[name]["forward_flops"] == 0 and rows[name]["backward_flops"] == 0, rows[name]
+    assert rows["fc"]["backward_flops"] == 2 * rows["fc"]["forward_flops"]  # input and weight gradients
+    assert rows["conv"]["backward_flops"] == rows["conv"]["forward_flops"]  # weight only: the batch needs none
+    assert sum(row["backward_flops"] for row in rows.values()) == totals["backward"]
+    assert sum(row["forward_flops"] for row in rows.values()) == totals["forward"]
+
+
+def test_no_parameter_free_layer_gets_backward_flops_on_a_resnet(tmp_path: Path) -> None:
+    rows, totals = costs(ResNet50Like(width=4), torch.randn(1, 3, 32, 32), tmp_path)
+    for row in rows.values():
+        if row["params"] == 0:
+            assert row["forward_flops"] == 0 and row["backward_flops"] == 0, row
+    assert sum(row["backward_flops"] for row in rows.values()) == totals["backward"]
+
+
+def test_a_container_that_never_runs_reports_its_children(tmp_path: Path) -> None:
+    model = TinyGPT()
+    rows, totals = costs(model, torch.randint(0, 50, (2, 8)), tmp_path, depth=3)
+    blocks = [rows[f"transformer.h.{i}"] for i in range(3)]
+    assert rows["transformer.h"]["forward_flops"] == sum(b["forward_flops"] for b in blocks) > 0
+    assert rows["transformer.h"]["backward_flops"] == sum(b["backward_flops"] for b in blocks) > 0
+    top = [rows["transformer"], rows["lm_head"]]  # depth-1 layers add up to the model
+    assert sum(r["forward_flops"] for r in top) == totals["forward"]
+    assert sum(r["backward_flops"] for r in top) == totals["backward"]
+    assert rows["transformer.drop"]["backward_flops"] == 0 and rows["transformer.wte"]["backward_flops"] == 0
