@@ -16,6 +16,7 @@ from torch import nn
 from .core.layers import LayerTable
 from .core.model import eval_mode
 from .errors import BBDecoderWarning, GraphvizMissingWarning
+from .output import layout
 from .output.store import Store
 from .summary import printable
 
@@ -113,16 +114,23 @@ def draw_architecture(
             )
         visual = graph.visual_graph
         visual.graph_attr.pop("size", None)
-        meta = {"call": store.next_number(SECTION)}
-        written = [store.write_text(f"{SECTION}/architecture.gv", visual.source, section=SECTION, meta=meta)]
+        call = layout.next_number(store, SECTION)
+        meta = {"call": call}
+
+        def where(kind: str) -> str:
+            return layout.relative_path(SECTION, kind, call=call)
+
+        written = [store.write_text(where("gv"), visual.source, section=SECTION, meta={**meta, "kind": "gv"})]
         if dot_available() and store.enabled:
             svg = visual.pipe(format="svg")
             bitmap = visual.copy()
             bitmap.graph_attr["dpi"] = f"{png_dpi(svg):.0f}"
             written.append(
-                store.write_bytes(f"{SECTION}/architecture.png", bitmap.pipe(format="png"), section=SECTION, meta=meta)
+                store.write_bytes(
+                    where("png"), bitmap.pipe(format="png"), section=SECTION, meta={**meta, "kind": "png"}
+                )
             )
-            written.append(store.write_bytes(f"{SECTION}/architecture.svg", svg, section=SECTION, meta=meta))
+            written.append(store.write_bytes(where("svg"), svg, section=SECTION, meta={**meta, "kind": "svg"}))
     except Exception as error:  # the graph is a bonus: it must never block the analysis
         warnings.warn(
             f"the architecture graph could not be drawn: {type(error).__name__}: {error}",
@@ -153,7 +161,7 @@ def _warn_missing_dot() -> None:
     if not _warned_missing_dot:
         _warned_missing_dot = True
         warnings.warn(
-            f"Graphviz's `dot` was not found, so only architecture/architecture.gv was written; {DOT_HINT}",
+            f"Graphviz's `dot` was not found, so only the graph's source (architecture/*.gv) was written; {DOT_HINT}",
             GraphvizMissingWarning,
             stacklevel=4,
         )

@@ -9,13 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from test_gradients import SyncCounter
 from torch import nn
 
 from BBDecoder import BBDecoderTypeError, BBDecoderValueError, Master_analyzer
 from BBDecoder.core.hooks import count_module_hooks
 from BBDecoder.kernels import gradstats
-
-from test_gradients import SyncCounter
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +124,7 @@ def test_first_real_call_is_remembered_as_a_spec(tmp_path: Path) -> None:
 def test_example_input_errors(tmp_path: Path) -> None:
     with pytest.raises(BBDecoderValueError, match="input_size or example_input, not both"):
         Master_analyzer(TokenNet(), tmp_path, input_size=[1, 3], example_input=torch.zeros(1, 3), verbose=False)
-    with pytest.raises(BBDecoderTypeError, match="input_dtype must be a torch.dtype.*'long'"):
+    with pytest.raises(BBDecoderTypeError, match=r"input_dtype must be a torch\.dtype.*'long'"):
         Master_analyzer(TokenNet(), tmp_path, input_size=[1, 3], input_dtype="long", verbose=False)
     with pytest.raises(BBDecoderTypeError, match="example_input must hold at least one tensor"):
         Master_analyzer(TokenNet(), tmp_path, example_input=[1, 2], verbose=False)

@@ -163,9 +163,10 @@ def test_architecture_graph_has_layer_ids(tmp_path: Path) -> None:
         pytest.skip("Graphviz dot is not installed")
     wm = Master_analyzer(ResidualNet(), tmp_path, [1, 3, 8, 8], verbose=False)
     folder = tmp_path / "architecture"
-    assert sorted(p.name for p in folder.iterdir()) == ["architecture.gv", "architecture.png", "architecture.svg"]
-    assert (folder / "architecture.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    svg = (folder / "architecture.svg").read_text()
+    names = ["architecture_001.gv", "architecture_001.png", "architecture_001.svg"]  # named by the layout table
+    assert sorted(p.name for p in folder.iterdir()) == names
+    assert (folder / "architecture_001.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (folder / "architecture_001.svg").read_text()
     for layer in wm.layers:
         if layer.name != "layer1":  # containers are drawn as clusters, their children labelled
             assert f"#{layer.id}" in svg, layer.name
@@ -176,8 +177,8 @@ def test_architecture_without_dot_writes_source_and_warns_once(tmp_path: Path, m
     monkeypatch.setattr(graph, "_warned_missing_dot", False)
     with pytest.warns(BBDecoder.GraphvizMissingWarning, match="apt-get install graphviz"):
         Master_analyzer(SmallCNN(), tmp_path / "one", [1, 3, 8, 8], verbose=False)
-    assert sorted(p.name for p in (tmp_path / "one" / "architecture").iterdir()) == ["architecture.gv"]
-    source = (tmp_path / "one" / "architecture" / "architecture.gv").read_text()
+    assert sorted(p.name for p in (tmp_path / "one" / "architecture").iterdir()) == ["architecture_001.gv"]
+    source = (tmp_path / "one" / "architecture" / "architecture_001.gv").read_text()
     assert source.startswith("strict digraph architecture") and "#0" in source
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -203,7 +204,7 @@ def test_hostile_names_stay_inside_save_path(tmp_path: Path) -> None:
     outside = {p for p in tmp_path.rglob("*")} - {root} - set(root.rglob("*"))
     assert outside == set()
     if graph.dot_available():
-        svg = (root / "architecture" / "architecture.svg").read_text()
+        svg = (root / "architecture" / "architecture_001.svg").read_text()
         assert "<script>" not in svg and "&lt;script&gt;" in svg
 
 

@@ -160,9 +160,9 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
     flat_range = high <= low
     first = torch.where(flat_range, low - 0.5, low)
     last = torch.where(flat_range, high + 0.5, high)
-    steps = torch.arange(bins + 1, dtype=dtype, device=flat.device) / bins
-    edges = first + (last - first) * steps
-    edges[0], edges[-1] = first, last
+    # numpy.linspace's arithmetic (i * step + first, the last edge exact), as numpy.histogram's own bins
+    edges = torch.arange(bins + 1, dtype=dtype, device=flat.device) * ((last - first) / bins) + first
+    edges[-1] = last
     mean = total / finite.clamp_min(1)
     abs_max = torch.maximum(low.abs(), high.abs())
     band = (1.0 - SATURATION) / 2 * (high - low)
@@ -215,15 +215,9 @@ def _host_histogram(values: np.ndarray, bins: int) -> np.ndarray:
         low = high = total = squares = mean = std = 0.0
         data_min = data_max = nan
     first, last = (low - 0.5, high + 0.5) if high <= low else (low, high)
-    edges = first + (last - first) * (np.arange(bins + 1, dtype=np.float64) / bins)
-    edges[0], edges[-1] = first, last
-    if finite:  # the bin from the equal widths, then one step to the exact edges (as on the device)
-        guess = np.clip(np.floor((clean - first) * (bins / (last - first))), 0, bins - 1).astype(np.int64)
-        guess -= clean < edges[guess]
-        guess += (clean >= edges[guess + 1]) & (guess < bins - 1)
-        counts = np.bincount(guess, minlength=bins).astype(np.float64)
-    else:
-        counts = np.zeros(bins)
+    edges = np.linspace(first, last, bins + 1)
+    # numpy's equal-width path: the same arithmetic as on the device, in cache-sized blocks
+    counts = np.histogram(clean, bins=bins, range=(first, last))[0].astype(np.float64) if finite else np.zeros(bins)
     band = (1.0 - SATURATION) / 2 * (high - low)
     at_low = float(np.count_nonzero(clean <= low + band)) if finite else 0.0
     at_high = float(np.count_nonzero(clean >= high - band)) if finite else 0.0
