@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +133,8 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
     if flat.device.type == "cpu" and flat.numel() <= chunk:
         # on the CPU there is no device to stay on: numpy does the same arithmetic in a few
         # calls instead of some forty small torch ops (the overhead that dominated small tensors)
-        return torch.from_numpy(_host_histogram(flat.to(torch.float64).numpy(), bins))
+        native = flat.dtype in (torch.float64, torch.float32, torch.float16)  # numpy reads these as they are
+        return torch.from_numpy(_host_histogram((flat if native else flat.to(torch.float64)).numpy(), bins))
     dtype = accumulator_dtype(flat.device)
 
     def zero() -> torch.Tensor:
@@ -197,36 +198,60 @@ def tensor_histogram(tensor: torch.Tensor, bins: int, *, chunk: int = DEFAULT_CH
     return torch.cat([stats, edges, counts[:bins].to(dtype)])
 
 
+_HOST_BLOCK = 1 << 18
+"""Elements per block of the host path (2 MiB as float64: temporaries stay in cache, no fresh pages)."""
+
+
 def _host_histogram(values: np.ndarray, bins: int) -> np.ndarray:
-    """:func:`tensor_histogram` of a float64 host array: the same statistics, edges, counts and saturation."""
-    ok = np.isfinite(values)
-    finite = int(np.count_nonzero(ok))
-    clean = values if finite == values.size else values[ok]
-    zeros = float(np.count_nonzero(values == 0))
+    """:func:`tensor_histogram` of a host float array: the same statistics, edges, counts and saturation.
+
+    Two passes over blocks of :data:`_HOST_BLOCK` elements, each cast to float64 on its own.
+    """
+
+    def blocks() -> Iterator[np.ndarray]:
+        for start in range(0, values.size, _HOST_BLOCK):
+            block = values[start : start + _HOST_BLOCK].astype(np.float64, copy=False)
+            ok = np.isfinite(block)
+            yield block if ok.all() else block[ok]
+
+    single = values.size <= _HOST_BLOCK
+    cached = list(blocks()) if single else None  # one block: clean it once for both passes
+    finite, zeros, total, squares = 0, 0, 0.0, 0.0
+    low, high = math.inf, -math.inf
+    for clean in cached if cached is not None else blocks():
+        if clean.size:
+            finite += clean.size
+            zeros += int(np.count_nonzero(clean == 0))
+            low, high = min(low, float(clean.min())), max(high, float(clean.max()))
+            total += float(clean.sum())
+            squares += float(np.dot(clean, clean))
     nan = float("nan")
     if finite:
-        low, high = float(clean.min()), float(clean.max())
-        total, squares = float(clean.sum()), float(np.dot(clean, clean))
         mean = total / finite
-        centred = clean - mean
-        std = math.sqrt(float(np.dot(centred, centred)) / finite)
         data_min, data_max = low, high
     else:
-        low = high = total = squares = mean = std = 0.0
+        low = high = mean = 0.0
         data_min = data_max = nan
     first, last = (low - 0.5, high + 0.5) if high <= low else (low, high)
     edges = np.linspace(first, last, bins + 1)
-    # numpy's equal-width path: the same arithmetic as on the device, in cache-sized blocks
-    counts = np.histogram(clean, bins=bins, range=(first, last))[0].astype(np.float64) if finite else np.zeros(bins)
     band = (1.0 - SATURATION) / 2 * (high - low)
-    at_low = float(np.count_nonzero(clean <= low + band)) if finite else 0.0
-    at_high = float(np.count_nonzero(clean >= high - band)) if finite else 0.0
+    counts = np.zeros(bins, dtype=np.int64)
+    centred, at_low, at_high = 0.0, 0, 0
+    for clean in cached if cached is not None else blocks():
+        if clean.size:
+            offset = clean - mean
+            centred += float(np.dot(offset, offset))
+            # numpy's equal-width path: the same arithmetic as on the device (numpy.linspace's edges)
+            counts += np.histogram(clean, bins=bins, range=(first, last))[0]
+            at_low += int(np.count_nonzero(clean <= low + band))
+            at_high += int(np.count_nonzero(clean >= high - band))
+    std = math.sqrt(centred / finite) if finite else 0.0
     even = (1.0 - SATURATION) / 2 * finite
     enough = PILE_UP * even + 3.0 * math.sqrt(even) + 1.0
     narrow = (high - low) <= (1.0 - SATURATION) * max(abs(low), abs(high))
-    saturated = 0.0 if narrow else sum(c for c in (at_low, at_high) if c - 1 > enough)
-    stats = [float(values.size), float(finite), total, squares, mean, std, data_min, data_max, zeros, saturated]
-    return np.concatenate([np.asarray(stats, dtype=np.float64), edges, counts])
+    saturated = 0.0 if narrow else float(sum(c for c in (at_low, at_high) if c - 1 > enough))
+    stats = [float(values.size), float(finite), total, squares, mean, std, data_min, data_max, float(zeros), saturated]
+    return np.concatenate([np.asarray(stats, dtype=np.float64), edges, counts.astype(np.float64)])
 
 
 def _unpack(name: str, shape: tuple[int, ...], vector: np.ndarray, bins: int) -> ParamHistogram:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure, SubFigure
+from matplotlib.figure import Figure
 from matplotlib.ticker import Formatter
 
 MIN_FONT_PT = 7.0
@@ -69,44 +69,6 @@ class PlotFigure(Figure):
 def new_figure(width: float, height: float, *, dpi: int = 100, layout: str | None = "constrained") -> Figure:
     """A fresh :class:`PlotFigure` (constrained layout unless ``layout=None``), independent of pyplot."""
     return PlotFigure(figsize=(width, min(height, MAX_LONG_SIDE_IN)), dpi=dpi, layout=layout)
-
-
-def with_header(
-    figure: Figure,
-    title: str,
-    handles: Sequence[Any] = (),
-    names: Sequence[str] = (),
-    *,
-    ncol: int = 3,
-    title_size: float = 10.0,
-) -> SubFigure:
-    """Split ``figure`` into a header (title, then legend) and the body that holds the plot.
-
-    Constrained layout puts a figure legend and a suptitle in the same band; a header
-    sub-figure stacks them instead, title first, where the eye starts. The title is also
-    the figure's label (``figure.get_label()``).
-
-    Returns:
-        The body sub-figure: add the axes there.
-    """
-    lines = title.count("\n") + 1
-    legend_rows = math.ceil(len(handles) / max(ncol, 1)) if handles else 0
-    header_in = 0.12 + 0.2 * lines * title_size / 10 + 0.24 * legend_rows
-    total = figure.get_figheight()
-    head, body = figure.subfigures(2, 1, height_ratios=[header_in, max(total - header_in, 0.5)])
-    head.text(0.005, 0.96, title, ha="left", va="top", fontsize=title_size, transform=head.transSubfigure)
-    if handles:
-        head.legend(
-            list(handles),
-            list(names),
-            loc="lower left",
-            bbox_to_anchor=(0.0, 0.0),
-            ncol=ncol,
-            fontsize=8,
-            frameon=False,
-        )
-    figure.set_label(title)
-    return body
 
 
 def panel_grid(
