@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from models import MLP, SmallCNN, TokenModel
+from sync import SyncCounter
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from BBDecoder import (
     ActivationAlertWarning,
@@ -34,39 +34,6 @@ from BBDecoder.core.hooks import count_module_hooks
 from BBDecoder.output.schema import ACTIVATION_CSV_HEADER, ActivationEpochReport, ActivationRow
 
 GOLDEN_HEADER = "epoch,iteration,layer_id,layer_name,mean,std,max_abs,zero_frac,dead_frac,saturated_frac"
-SYNCS = {
-    "item",
-    "cpu",
-    "tolist",
-    "numpy",
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__index__",
-    "__complex__",
-    "__array__",
-    "is_nonzero",
-    "nonzero",
-    "argwhere",
-    "masked_select",
-    "unique",
-    "unique_consecutive",
-    "equal",
-    "allclose",
-}
-
-
-class SyncCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in SYNCS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def make(model: nn.Module, path: Path, **kwargs: Any) -> Master_analyzer:
     return Master_analyzer(model, path, None, verbose=False, **kwargs)
 

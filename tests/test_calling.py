@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_gradients import SyncCounter
+from sync import SyncCounter
 from torch import nn
 
 from BBDecoder import BBDecoderTypeError, BBDecoderValueError, Master_analyzer

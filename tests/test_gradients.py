@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 from models import MLP, ZOO, FrozenNet, NestedNet, ResidualNet, SmallCNN, TokenModel
+from sync import SyncCounter
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from BBDecoder import (
     BBDecoderTypeError,
@@ -372,40 +372,6 @@ def test_nested_layers_record_each_tensor_once_under_deepest(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------------- no host sync
-SYNCS = {
-    "item",
-    "cpu",
-    "tolist",
-    "numpy",
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__index__",
-    "__complex__",
-    "__array__",
-    "is_nonzero",
-    "nonzero",
-    "argwhere",
-    "masked_select",
-    "unique",
-    "unique_consecutive",
-    "equal",
-    "allclose",
-}
-
-
-class SyncCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in SYNCS:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def test_sync_counter_catches_syncs() -> None:
     t = torch.ones(2)
     with SyncCounter() as counter:

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import MLP, SmallCNN
+from sync import SyncCounter
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from BBDecoder import (
     BBDecoderTypeError,
@@ -29,39 +29,6 @@ from BBDecoder.analyses.updates import MAD_SCALE, UpdateEpoch, UpdateRule, _Colu
 from BBDecoder.output.schema import UPDATE_CSV_HEADER, UpdateEpochReport, UpdateRow
 
 GOLDEN_HEADER = "epoch,step,layer_id,layer_name,param,update_norm,weight_norm,ratio"
-SYNCS = {
-    "item",
-    "cpu",
-    "tolist",
-    "numpy",
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__index__",
-    "__complex__",
-    "__array__",
-    "is_nonzero",
-    "nonzero",
-    "argwhere",
-    "masked_select",
-    "unique",
-    "unique_consecutive",
-    "equal",
-    "allclose",
-}
-
-
-class SyncCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in SYNCS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 class AddOptimizer(torch.optim.Optimizer):
     """Adds a fixed tensor to each parameter: a Δw known in advance, from no gradient formula at all."""
 

@@ -30,7 +30,6 @@ float32 rounding of the weights) or exactly 0 is ``update_small``.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import warnings
 import weakref
@@ -43,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.layers import ROOT_NAME, Layer, Selector, is_lazy
+from ..core import checks
+from ..core.layers import ROOT_NAME, Layer, Selector, owned_parameters
 from ..errors import (
     BBDecoderError,
     BBDecoderTypeError,
@@ -430,7 +430,7 @@ class UpdateMixin(AnalyzerBase):
         if layer_inds is None and self.layers.root_own is not None:
             layers.append(self.layers.root_own)
         updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        entries = [e for e in _owned_parameters(layers, bias) if id(e[2]) in updated]
+        entries = [e for e in owned_parameters(layers, bias) if id(e[2]) in updated]
         if not entries:
             names = ", ".join(f"{layer.id} {layer.name!r}" for layer in layers[:6])
             raise LayerSelectionError(
@@ -707,25 +707,5 @@ def _warn_once(alerts: Sequence[Alert], warned: set[tuple[str, int]], *, where: 
 
 
 # --------------------------------------------------------------------- helpers
-def _is_bias(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf == "bias" or leaf.endswith("_bias") or leaf.startswith("bias_")
-
-
-def _owned_parameters(layers: Sequence[Layer], bias: bool) -> list[tuple[Layer, str, nn.Parameter]]:
-    """``(layer, name relative to it, parameter)``, each parameter under its deepest selected layer."""
-    owner: dict[int, tuple[int, int, Layer, str, nn.Parameter]] = {}
-    for layer in sorted(layers, key=lambda item: -item.depth):
-        for order, (name, param) in enumerate(layer.module.named_parameters()):
-            if id(param) in owner or is_lazy(param) or param.numel() == 0 or (not bias and _is_bias(name)):
-                continue
-            owner[id(param)] = (layer.id, order, layer, name, param)
-    return [(layer, name, param) for _, _, layer, name, param in sorted(owner.values(), key=lambda e: e[:2])]
-
-
 def _check_every(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise BBDecoderTypeError(f"collect_every must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise BBDecoderValueError(f"collect_every must be at least 1 (1 records every step), got collect_every={value}")
-    return int(value)
+    return checks.integer(value, "collect_every", low=1, meaning="1 records every step")

@@ -74,6 +74,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return inner
 
 
+def is_bias(name: str) -> bool:
+    """A bias by name: ``bias``, ``*_bias`` or ``bias_*`` (the leaf of a dotted name)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "bias" or leaf.endswith("_bias") or leaf.startswith("bias_")
+
+
+def owned_parameters(layers: Sequence[Layer], bias: bool) -> list[tuple[Layer, str, nn.Parameter]]:
+    """``(layer, name relative to it, parameter)`` for each parameter, under its deepest selected layer."""
+    owner: dict[int, tuple[int, int, Layer, str, nn.Parameter]] = {}
+    for layer in sorted(layers, key=lambda item: -item.depth):
+        for order, (name, param) in enumerate(layer.module.named_parameters()):
+            if id(param) in owner or is_lazy(param) or param.numel() == 0 or (not bias and is_bias(name)):
+                continue
+            owner[id(param)] = (layer.id, order, layer, name, param)
+    return [(layer, name, param) for _, _, layer, name, param in sorted(owner.values(), key=lambda e: e[:2])]
+
+
 class LayerTable(Sequence[Layer]):
     """Layers of ``model`` down to ``depth``, numbered in pre-order.
 

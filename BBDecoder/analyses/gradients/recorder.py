@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...core import distributed
-from ...core.layers import ROOT_NAME, Layer, Selector, is_lazy
+from ...core.layers import ROOT_NAME, Layer, Selector
 from ...kernels import gradstats
 
 _ROW_CAPACITY = 64
@@ -260,22 +260,6 @@ def selection_key(layer_inds: Selector, bias: bool) -> Any:
     except TypeError:
         return None
     return key
-
-
-def is_bias(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf == "bias" or leaf.endswith("_bias") or leaf.startswith("bias_")
-
-
-def owned_parameters(layers: Sequence[Layer], bias: bool) -> list[tuple[Layer, str, nn.Parameter]]:
-    """``(layer, name relative to it, parameter)`` for each parameter, under its deepest selected layer."""
-    owner: dict[int, tuple[int, int, Layer, str, nn.Parameter]] = {}
-    for layer in sorted(layers, key=lambda item: -item.depth):
-        for order, (name, param) in enumerate(layer.module.named_parameters()):
-            if id(param) in owner or is_lazy(param) or param.numel() == 0 or (not bias and is_bias(name)):
-                continue
-            owner[id(param)] = (layer.id, order, layer, name, param)
-    return [(layer, name, param) for _, _, layer, name, param in sorted(owner.values(), key=lambda e: e[:2])]
 
 
 def tied_names(model: nn.Module) -> dict[int, list[str]]:
