@@ -308,6 +308,60 @@ def test_saturation_is_saved_and_shaded_only_where_it_piles_up(tmp_path: Path) -
     assert load_histograms(tmp_path / "h.npz").params[0].saturation_fraction == clipped.saturation_fraction > 0
 
 
+def test_a_cut_png_matches_matplotlibs_tight_box() -> None:
+    """PlotFigure draws once and cuts the inked box; the picture is matplotlib's own tight save."""
+    from BBDecoder.plots import new_figure
+
+    def drawn(spill: bool) -> Figure:
+        figure = new_figure(4.0, 2.0, layout=None)
+        ax = figure.add_axes((0.2, 0.25, 0.6, 0.5))
+        ax.plot([0, 1, 2], [3, 1, 2])
+        ax.set_title("a title")
+        figure.text(1.05 if spill else 0.02, 0.95, "a note that may spill past the right edge", fontsize=8, va="top")
+        return figure
+
+    for spill in (False, True):
+        buffer = io.BytesIO()
+        drawn(spill).savefig(buffer, format="png", dpi=STORE_DPI, bbox_inches="tight")
+        reference = io.BytesIO()
+        Figure.savefig(drawn(spill), reference, format="png", dpi=STORE_DPI, bbox_inches="tight")
+        ours, theirs = (np.asarray(Image.open(b).convert("L")) < 128 for b in (buffer, reference))
+        # the same picture, give or take a pixel of padding where matplotlib rounds its box
+        assert abs(ours.shape[0] - theirs.shape[0]) <= 2 and abs(ours.shape[1] - theirs.shape[1]) <= 2, spill
+        if spill:  # the note lies outside the figure: it was measured, the picture is wider than the figure
+            assert ours.shape[1] > 4.0 * STORE_DPI
+        ours, theirs = inked(ours), inked(theirs)
+        assert ours.shape == theirs.shape and (ours != theirs).mean() < 0.01, spill
+
+
+def inked(dark: np.ndarray) -> np.ndarray:
+    rows, columns = np.flatnonzero(dark.any(axis=1)), np.flatnonzero(dark.any(axis=0))
+    return dark[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+
+
+def test_zeros_are_flagged_where_they_replace_values_not_at_a_zero_start() -> None:
+    torch.manual_seed(0)
+    beta = histogram("norm.bias", nn.BatchNorm2d(64).bias.detach().numpy())  # β = 0: a start, not a fault
+    assert beta.zeros_fraction == 1.0 and weight_plots.flags(beta) == []
+    pruned = torch.randn(64, 32)
+    pruned[torch.rand(64, 32) < 0.6] = 0.0  # 60% of a trained weight gone to zero: dead or pruned
+    assert weight_plots.flags(histogram("fc.weight", pruned.numpy())) == ["zeros"]
+    few = torch.randn(64, 32)
+    few[:10] = 0.0  # 31% zeros: under the flag
+    assert weight_plots.flags(histogram("fc.weight", few.numpy())) == []
+
+
+def test_numbered_groups_read_level_with_their_name_once() -> None:
+    layer = layer_histograms(72)  # denselayer1 … denselayer24, three tensors each
+    figure = weight_plots.weight_summary_figure(layer)
+    bottom = figure.axes[-1]
+    names = [t for t in bottom.texts if t.get_text().isdigit()]
+    assert [t.get_text() for t in names] == [str(i) for i in range(1, 25)]
+    assert all(t.get_rotation() == 0 for t in names)
+    assert [t.get_text() for t in bottom.texts if "denselayer" in t.get_text()] == ["denselayer (number)"]
+    check(figure)
+
+
 # ----------------------------------------------------------------- FLOPs
 def costs(model: nn.Module, example: Any, tmp_path: Path, depth: int = 1) -> tuple[dict[str, dict], dict[str, Any]]:
     wm = Master_analyzer(model, tmp_path, depth=depth, verbose=False)

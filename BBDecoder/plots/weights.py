@@ -35,7 +35,10 @@ MAX_PANELS = 16
 MAX_RIDGES = 40
 RIDGE_BINS = 80
 ZEROS_FLAG = 0.5
-"""A tensor with at least this fraction of exact zeros is flagged (pruned or dead units)."""
+"""A tensor with at least this fraction of exact zeros, besides values that are not, is flagged
+(pruned or dead units). One that is zero throughout is not: that is a deliberate start (a norm
+layer's β, a zero-initialised residual branch or LoRA ``B``); it reads "constant", and the drift
+figure shows whether it ever moves."""
 _FILL = "#4c72b0"
 _SATURATED = "#c44e52"
 _FLAGGED = "#b42318"
@@ -121,7 +124,7 @@ def flags(p: ParamHistogram) -> list[str]:
     found = []
     if p.saturation_fraction > 0:
         found.append("saturated")
-    if p.zeros_fraction >= ZEROS_FLAG:
+    if p.zeros_fraction >= ZEROS_FLAG and p.min < p.max:
         found.append("zeros")
     if p.nonfinite:
         found.append("non-finite")
@@ -299,7 +302,7 @@ def weight_summary_figure(layer: LayerHistograms) -> Figure:
         else "nothing flagged: no saturation, no tensor with ≥ 50% zeros, no NaN/Inf"
     )
     key = "each column a tensor, in model order; line = min to max, bar = μ ± σ, dot = μ; numbers in the .npz"
-    header_in = 0.9 + 0.17 * len(lines)
+    header_in = 0.92 + 0.13 * len(lines)  # title, key, the flagged lines (7.5 pt)
     panel_in, gap_in, label_in = 1.55, 0.32, 1.05
     height = header_in + len(kinds) * (panel_in + gap_in) + label_in
     figure = new_figure(10.6, height, layout=None)
@@ -326,10 +329,54 @@ def weight_summary_figure(layer: LayerHistograms) -> Figure:
 
 
 def _column_names(ax: Axes, centres: Sequence[float], labels: Sequence[str]) -> None:
-    """Group names under ``ax``, rotated: plain texts (a tick costs a line, a grid line and a copy of its style)."""
+    """Group names under ``ax`` as plain texts (a tick costs a line, a grid line and a copy of its style).
+
+    Numbered groups with one name (``denselayer1`` … ``denselayer24``) show their numbers,
+    level, with the shared name once below them; names that fit between their neighbours
+    stay level; others are turned upright (a rotated text also costs some four times as much
+    to draw).
+    """
+    if not labels:
+        return
+    shared = ""
+    if len(labels) > 1:
+        first, last = min(labels), max(labels)  # the shared start of all is that of these two
+        size = next(
+            (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), min(len(first), len(last))
+        )
+        shared = first[:size].rstrip("0123456789")
+    numbered = bool(shared) and all(label[len(shared) :].isdigit() for label in labels)
+    shown = [label[len(shared) :] for label in labels] if numbered else list(labels)
+    low, high = ax.get_xlim()
+    width_in = ax.get_position().width * ax.get_figure().get_figwidth()
+    spacing_in = width_in * (float(np.min(np.diff(centres))) if len(centres) > 1 else high - low) / (high - low)
+    level = max(len(text) for text in shown) * _CHAR_IN <= 0.85 * spacing_in
     below = ax.get_xaxis_transform()
-    for centre, label in zip(centres, labels, strict=True):
-        ax.text(centre, -0.04, label, transform=below, rotation=90, ha="center", va="top", fontsize=7)
+    inches_per_column = width_in / (high - low)
+    last = -math.inf
+    for centre, text in zip(centres, shown, strict=True):
+        if not level and (centre - last) * inches_per_column < 0.12:
+            continue  # an upright name would overlap the one before (7-pt type is 0.1 in tall)
+        last = centre
+        ax.text(centre, -0.04, text, transform=below, rotation=0 if level else 90, ha="center", va="top", fontsize=7)
+    if numbered:
+        caption = f"{shared.rstrip('.')} (number)" if level else ""
+        if caption:
+            ax.annotate(
+                caption,
+                (0.5, 0),
+                xycoords="axes fraction",
+                xytext=(0, -16),
+                textcoords="offset points",
+                ha="center",
+                va="top",
+                fontsize=7,
+                color="0.3",
+            )
+
+
+_CHAR_IN = 7 * 0.62 / 72
+"""Width of one character of 7-pt DejaVu Sans, on average, in inches."""
 
 
 def _kind_panel(ax: Axes, params: Sequence[ParamHistogram], x: Sequence[int], columns: int, title: str) -> None:
