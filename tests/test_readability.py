@@ -211,6 +211,28 @@ def test_norm_curves_stay_readable(count: int) -> None:
         grad_plots.norm_curves_figure(norm_panels(grad_plots.MAX_NORM_PANELS + 1), title="too many")
 
 
+def test_a_big_models_epoch_saves_grouped_flow_with_its_pages_and_shared_norm_pages(tmp_path: Path) -> None:
+    """save_collected_grads on 70 tensors: the grouped chart, every tensor once on the detail pages, paged norms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4, bias=False) for _ in range(70)])
+    wm = Master_analyzer(model, tmp_path, verbose=False)
+    for _ in range(3):
+        wm.backward_propagation(wm.forward_propagation(torch.randn(2, 4)).square().sum(), collect_grads=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 70 stacked linears: the gradients do vanish
+        written = wm.save_collected_grads(0)
+    kinds: dict[str, list[str]] = {}
+    for entry in wm.store.outputs("gradients"):
+        kinds.setdefault(entry["kind"], []).append(entry["path"])
+    assert kinds["flow"] == ["gradients/epoch_000_flow.png"]
+    assert kinds["flow_detail"] == [f"gradients/epoch_000_flow_detail_{k}of2.png" for k in (1, 2)]
+    assert kinds["norms"] == [f"gradients/epoch_000_norms_{k}of3.png" for k in (1, 2, 3)]  # 24 layers a page
+    for path in kinds["flow_detail"] + kinds["norms"]:
+        assert tmp_path / path in written
+        with Image.open(tmp_path / path) as image:
+            assert max(image.size) <= MAX_PX
+
+
 @pytest.mark.parametrize("count", SIZES)
 def test_heatmap_stays_readable(count: int) -> None:
     rng = np.random.default_rng(0)

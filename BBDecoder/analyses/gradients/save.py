@@ -33,7 +33,6 @@ from .alerts import Thresholds
 from .epoch import EpochData
 
 SECTION = "gradients"
-PANELS_PER_PAGE = 24
 
 
 @dataclass
@@ -121,31 +120,33 @@ def write_epoch(
         return path, {"section": SECTION, "meta": {"epoch": epoch, "kind": kind}}
 
     skipped = data.iterations[data.skipped]
-    flow = plots.gradient_flow_figure(
-        [row.label for row in summary],
-        np.array([row.mean_abs for row in summary], dtype=np.float64),
-        np.array([row.max_abs for row in summary], dtype=np.float64),
-        [row.status for row in summary],
-        notes=[row.note for row in summary],
-        title=f"Gradient flow, epoch {epoch} ({len(data.iterations)} recorded iterations"
+    flow_data = {
+        "labels": [row.label for row in summary],
+        "mean_abs": np.array([row.mean_abs for row in summary], dtype=np.float64),
+        "max_abs": np.array([row.max_abs for row in summary], dtype=np.float64),
+        "status": [row.status for row in summary],
+        "notes": [row.note for row in summary],
+        "title": f"Gradient flow, epoch {epoch} ({len(data.iterations)} recorded iterations"
         + (f", {len(skipped)} skipped by GradScaler)" if len(skipped) else ")"),
-        vanish_threshold=thresholds.vanish,
-        explode_threshold=thresholds.explode,
-    )
+        "vanish_threshold": thresholds.vanish,
+        "explode_threshold": thresholds.explode,
+    }
     path, where = put("flow")
-    written.append(store.save_figure(flow, path, **where))
+    written.append(store.save_figure(plots.gradient_flow_figure(**flow_data), path, **where))
+    if len(summary) > plots.FLOW_PAGE:  # the chart shows groups: each tensor's bars one level down, paged
+        details = plots.gradient_flow_pages(**flow_data)
+        for number, figure in enumerate(details, start=1):
+            path, where = put("flow_detail", page=layout.page_suffix(number, len(details)))
+            written.append(store.save_figure(figure, path, **where))
 
     panels = []
     for (layer_id, name), (l1, l2) in norms.items():
         frozen = all(c.frozen for c in data.columns if c.key == (layer_id, name))
         note = "frozen (requires_grad=False)" if frozen else ""
         panels.append(plots.NormPanel(f"{layer_id} {name}", data.iterations, l1, l2, note=note))
-    pages = [panels[i : i + PANELS_PER_PAGE] for i in range(0, len(panels), PANELS_PER_PAGE)]
-    for number, page in enumerate(pages, start=1):
-        title = f"Gradient norms per layer, epoch {epoch}" + (
-            f" (page {number} of {len(pages)})" if len(pages) > 1 else ""
-        )
-        figure = plots.norm_curves_figure(page, title=title, skipped=skipped)
+    # one log range over every page, so a layer on page 3 compares with one on page 1
+    pages = plots.norm_curves_pages(panels, title=f"Gradient norms per layer, epoch {epoch}", skipped=skipped)
+    for number, figure in enumerate(pages, start=1):
         path, where = put("norms", page=layout.page_suffix(number, len(pages)))
         written.append(store.save_figure(figure, path, **where))
 
