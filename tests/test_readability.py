@@ -424,6 +424,13 @@ def test_a_container_that_never_runs_reports_its_children(tmp_path: Path) -> Non
     blocks = [rows[f"transformer.h.{i}"] for i in range(3)]
     assert rows["transformer.h"]["forward_flops"] == sum(b["forward_flops"] for b in blocks) > 0
     assert rows["transformer.h"]["backward_flops"] == sum(b["backward_flops"] for b in blocks) > 0
+    # and its time and output bytes are those of its blocks' calls (one timed pass: the sum is exact)
+    assert rows["transformer.h"]["forward_ms"] == pytest.approx(sum(b["forward_ms"] for b in blocks))
+    assert 0 < rows["transformer.h"]["forward_ms"] <= rows["transformer"]["forward_ms"]
+    assert rows["transformer.h"]["activation_bytes"] == sum(b["activation_bytes"] for b in blocks) > 0
+    shallow, _ = costs(model, torch.randint(0, 50, (2, 8)), tmp_path / "depth2", depth=2)  # blocks not numbered
+    assert shallow["transformer.h"]["forward_ms"] > 0
+    assert shallow["transformer.h"]["activation_bytes"] == rows["transformer.h"]["activation_bytes"]
     top = [rows["transformer"], rows["lm_head"]]  # depth-1 layers add up to the model
     assert sum(r["forward_flops"] for r in top) == totals["forward"]
     assert sum(r["backward_flops"] for r in top) == totals["backward"]

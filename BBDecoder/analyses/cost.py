@@ -72,7 +72,9 @@ class CostMixin(AnalyzerBase):
         * ``activation_bytes``: bytes of the tensors the layer returns, summed over its
           calls in one forward pass.
 
-        A layer that never runs gets zeros. Writes ``costs/layer_costs.csv`` and bar
+        A layer that is never called itself but holds modules that are (GPT-2's
+        ``transformer.h``, a ``ModuleList``) reports the sum of theirs, FLOPs, time and
+        activation bytes alike; one with nothing called inside gets zeros. Writes ``costs/layer_costs.csv`` and bar
         charts ``costs/flops.png`` and ``costs/time.png``.
 
         Args:
@@ -103,8 +105,23 @@ class CostMixin(AnalyzerBase):
     ) -> list[dict[str, Any]]:
         """:meth:`layer_costs` on the model's ``(args, kwargs)``."""
         layers = list(self.layers)
-        forward, backward, totals = self._count_flops(layers, inputs)
-        samples, activation, total_ms = self._time_layers(layers, inputs, repeats=repeats, warmup=warmup)
+        forward, backward, totals, ran = self._count_flops(layers, inputs)
+        # a layer never called itself (a ModuleList) is timed as the calls of the modules inside it
+        stand_ins = {layer.id: _stand_ins(layer.module, ran) for layer in layers if layer.module not in ran}
+        timed = {layer.module: layer for layer in layers if layer.module in ran}
+        names = {module: name for name, module in self.inner.named_modules()}
+        for modules in stand_ins.values():
+            for module in modules:
+                if module not in timed:  # not a numbered layer at this depth: timed under its own name
+                    timed[module] = Layer(-2 - len(timed), names.get(module, "?"), module, -1)
+        samples, activation, total_ms = self._time_layers(list(timed.values()), inputs, repeats=repeats, warmup=warmup)
+        for layer in layers:
+            if layer.id in stand_ins:
+                parts = [timed[module].id for module in stand_ins[layer.id]]
+                samples[layer.id] = [sum(run) for run in zip(*(samples[i] for i in parts), strict=True)] or [
+                    0.0
+                ] * repeats
+                activation[layer.id] = sum(activation[i] for i in parts)
         rows: list[dict[str, Any]] = []
         extra: list[dict[str, Any]] = []
         for layer in layers:
@@ -155,8 +172,8 @@ class CostMixin(AnalyzerBase):
     # -------------------------------------------------------------- FLOPs
     def _count_flops(
         self, layers: list[Layer], inputs: tuple[tuple[Any, ...], dict[str, Any]]
-    ) -> tuple[dict[int, int], dict[int, int], dict[str, Any]]:
-        """Forward and backward FLOPs per layer, and the model's totals.
+    ) -> tuple[dict[int, int], dict[int, int], dict[str, Any], set[nn.Module]]:
+        """Forward and backward FLOPs per layer, the model's totals, and the modules that ran.
 
         ``FlopCounterMode`` counts the ops; who gets them is decided here (its own module
         tracker credits backward ops to whichever module its hooks left "active", e.g. a
@@ -182,7 +199,7 @@ class CostMixin(AnalyzerBase):
         forward = {layer.id: ledger.forward_of(layer.module) for layer in layers}
         backward = {layer.id: ledger.backward_of(layer.module) for layer in layers}
         totals = {"forward_flops": int(model_forward), "backward_flops": int(model_backward)}
-        return forward, backward, totals
+        return forward, backward, totals, ledger.ran
 
     # --------------------------------------------------------------- time
     def _time_layers(
@@ -289,6 +306,14 @@ class CostMixin(AnalyzerBase):
             f"layer_costs: {len(rows)} layers, forward {totals['forward_flops']:,} FLOPs, backward "
             f"{totals['backward_flops']:,} FLOPs, forward {totals['forward_ms']:.3g} ms{where}"
         )
+
+
+def _stand_ins(module: nn.Module, ran: set[nn.Module]) -> list[nn.Module]:
+    """The outermost modules inside ``module`` that were called (each once), in registration order."""
+    found: list[nn.Module] = []
+    for child in dict.fromkeys(module.children()):
+        found += [child] if child in ran else _stand_ins(child, ran)
+    return list(dict.fromkeys(found))
 
 
 def _output_sum(output: Any) -> torch.Tensor | None:
