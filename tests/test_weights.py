@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from models import MLP, FrozenNet, HostileNames, ResidualNet, SmallCNN
+from models import MLP, FrozenNet, HostileNames, ResidualNet, SmallCNN, TinyGPT
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -235,6 +235,28 @@ def test_container_layer_shows_every_tensor(tmp_path: Path) -> None:
         assert entry.finite == values.numel() == entry.counts.sum()
         assert entry.sum == pytest.approx(values.sum().item(), rel=1e-9, abs=1e-12)
         assert entry.sum_squares == pytest.approx(values.square().sum().item(), rel=1e-12)
+
+
+def test_tied_weights_are_histogrammed_once_and_marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TinyGPT()
+    model.lm_head.weight = model.transformer.wte.weight  # GPT-2's tie
+    wm = Master_analyzer(model, tmp_path, depth=2, verbose=False)
+    from BBDecoder.analyses import weights
+
+    computed: list[tuple[int, ...]] = []
+    real = weights.tensor_histogram
+    monkeypatch.setattr(weights, "tensor_histogram", lambda t, *a, **k: computed.append(tuple(t.shape)) or real(t, *a, **k))
+    wm.visualize_weight_hist(["transformer", "transformer.wte", "lm_head"], bins=8)
+    # the embedding once, though three selected layers hold it; every other tensor of transformer once
+    assert computed.count((50, 16)) == 1
+    assert len(computed) == len({id(p) for p in model.parameters()})
+    head = load_histograms(tmp_path / "weights/006_lm_head/hist_call001.npz").params[0]
+    wte = load_histograms(tmp_path / "weights/001_transformer.wte/hist_call001.npz").params[0]
+    assert head.tied == ("transformer.wte.weight",) and wte.tied == ("lm_head.weight",)
+    assert np.array_equal(head.counts, wte.counts) and head.sum == wte.sum
+    body = load_histograms(tmp_path / "weights/000_transformer/hist_call001.npz")
+    assert [p.tied for p in body.params if p.name == "wte.weight"] == [("lm_head.weight",)]
+    assert all(p.tied == () for p in body.params if p.name != "wte.weight")
 
 
 def test_parameterless_layers(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core import checks, distributed
-from ..core.layers import Layer, Selector
+from ..core.layers import Layer, Selector, tied_names
 from ..core.model import accumulator_dtype
 from ..errors import BBDecoderTypeError, BBDecoderValueError, WeightHistogramWarning
 from ..output import layout
@@ -69,6 +69,8 @@ class ParamHistogram:
     sum_squares: float
     zeros_fraction: float
     saturation_fraction: float
+    tied: tuple[str, ...] = ()
+    """The tensor's other full names in the model (tied weights: computed once, shown under each)."""
 
     @property
     def nonfinite(self) -> int:
@@ -254,7 +256,9 @@ def _host_histogram(values: np.ndarray, bins: int) -> np.ndarray:
     return np.concatenate([np.asarray(stats, dtype=np.float64), edges, counts.astype(np.float64)])
 
 
-def _unpack(name: str, shape: tuple[int, ...], vector: np.ndarray, bins: int) -> ParamHistogram:
+def _unpack(
+    name: str, shape: tuple[int, ...], vector: np.ndarray, bins: int, tied: tuple[str, ...] = ()
+) -> ParamHistogram:
     stats = dict(zip(_STATS, vector[: len(_STATS)].tolist(), strict=True))
     edges = vector[len(_STATS) : len(_STATS) + bins + 1].astype(np.float64)
     counts = np.rint(vector[len(_STATS) + bins + 1 :]).astype(np.int64)
@@ -274,6 +278,7 @@ def _unpack(name: str, shape: tuple[int, ...], vector: np.ndarray, bins: int) ->
         sum_squares=stats["sum_squares"],
         zeros_fraction=stats["zeros"] / numel if numel else 0.0,
         saturation_fraction=stats["saturated"] / numel if numel else 0.0,
+        tied=tied,
     )
 
 
@@ -287,9 +292,18 @@ def layer_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def collect_histograms(
-    layers: Sequence[Layer], bins: int, call: int, *, chunk: int = DEFAULT_CHUNK, grads: bool = False
+    layers: Sequence[Layer],
+    bins: int,
+    call: int,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    grads: bool = False,
+    names: Mapping[int, Sequence[str]] | None = None,
 ) -> list[LayerHistograms]:
     """Histograms of every parameter tensor of ``layers``; one host copy per device.
+
+    A tensor is histogrammed once per call however many selected layers hold it (a
+    container and its children, or weights tied under two names).
 
     Args:
         layers: layers that all have parameters.
@@ -298,12 +312,15 @@ def collect_histograms(
         chunk: elements per block (see :func:`tensor_histogram`).
         grads: histograms of the parameters' current ``.grad`` instead (parameters
             without one, or whose gradient is an FSDP2 shard, are left out).
+        names: ``{id(parameter): every full name}`` of the parameters registered under
+            more than one name (``tied_names``); each result lists the others in ``tied``.
 
     Returns:
         One :class:`LayerHistograms` per layer, parameters in ``named_parameters`` order.
     """
     vectors: dict[torch.device, list[torch.Tensor]] = {}
-    places: list[tuple[LayerHistograms, str, tuple[int, ...], torch.device, int]] = []
+    row_of: dict[int, tuple[torch.device, int]] = {}
+    places: list[tuple[LayerHistograms, str, tuple[int, ...], tuple[torch.device, int], tuple[str, ...]]] = []
     results = []
     for layer in layers:
         entry = LayerHistograms(layer.id, layer.name, layer.type, call)
@@ -311,13 +328,17 @@ def collect_histograms(
         for name, param in layer_parameters(layer.module):
             if grads and (param.grad is None or distributed.is_dtensor(param.grad)):
                 continue  # a shard's histogram would mislead, and rank 0 alone cannot gather it
-            tensor = param.grad if grads else distributed.full_tensor(param)
-            queue = vectors.setdefault(param.device, [])
-            places.append((entry, name, tuple(param.shape), param.device, len(queue)))
-            queue.append(tensor_histogram(tensor, bins, chunk=chunk))
+            if id(param) not in row_of:
+                tensor = param.grad if grads else distributed.full_tensor(param)
+                queue = vectors.setdefault(param.device, [])
+                row_of[id(param)] = (param.device, len(queue))
+                queue.append(tensor_histogram(tensor, bins, chunk=chunk))
+            full = f"{layer.name}.{name}"
+            others = tuple(other for other in (names or {}).get(id(param), ()) if other != full)
+            places.append((entry, name, tuple(param.shape), row_of[id(param)], others))
     host = {device: torch.stack(queue).cpu().double().numpy() for device, queue in vectors.items()}
-    for entry, name, shape, device, row in places:
-        entry.params.append(_unpack(name, shape, host[device][row], bins))
+    for entry, name, shape, (device, row), others in places:
+        entry.params.append(_unpack(name, shape, host[device][row], bins, tied=others))
     return results
 
 
@@ -332,6 +353,7 @@ def histogram_arrays(layer: LayerHistograms) -> dict[str, np.ndarray]:
         "layer_type": np.asarray(layer.layer_type),
         "param_names": np.asarray([p.name for p in params], dtype=str),
         "shapes": np.asarray(["x".join(map(str, p.shape)) for p in params], dtype=str),
+        "tied": np.asarray([" ".join(p.tied) for p in params], dtype=str),
         "edges": np.stack([p.edges for p in params]),
         "counts": np.stack([p.counts for p in params]),
         **{
@@ -358,6 +380,7 @@ def load_histograms(path: str | os.PathLike[str]) -> LayerHistograms:
         layer = LayerHistograms(
             int(data["layer_id"]), str(data["layer_name"]), str(data["layer_type"]), int(data["call"])
         )
+        tied = data["tied"].tolist() if "tied" in data else [""] * len(data["param_names"])  # not before 0.2
         for i, name in enumerate(data["param_names"].tolist()):
             shape = tuple(int(d) for d in str(data["shapes"][i]).split("x") if d)
             layer.params.append(
@@ -376,6 +399,7 @@ def load_histograms(path: str | os.PathLike[str]) -> LayerHistograms:
                     sum_squares=float(data["sum_squares"][i]),
                     zeros_fraction=float(data["zeros_fraction"][i]),
                     saturation_fraction=float(data["saturation_fraction"][i]),
+                    tied=tuple(str(tied[i]).split()),
                 )
             )
     return layer
@@ -462,14 +486,15 @@ class WeightMixin(AnalyzerBase):
         if not distributed.is_sharded(self.inner) and not self.is_main_process:
             return []
         call = self._next_weight_call()
-        results = collect_histograms(layers, bins, call)
+        names = tied_names(self.inner)
+        results = collect_histograms(layers, bins, call, names=names)
         if not self.is_main_process:
             return []
         written: list[Path] = []
         for result in results:
             written += self._write_layer_histograms(result, folder)
         if self.events.wanted("weights_histogram"):
-            grads = collect_histograms(layers, bins, call, grads=True)
+            grads = collect_histograms(layers, bins, call, grads=True, names=names)
             self.events.emit("weights_histogram", call=call, weights=results, grads=grads)
         self._say(
             f"visualize_weight_hist call {call}: {sum(len(r.params) for r in results)} tensors of "

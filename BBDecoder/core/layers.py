@@ -190,3 +190,11 @@ class LayerTable(Sequence[Layer]):
             else (f"; names at depth {self.depth} include {', '.join(map(repr, self.names[:5]))}")
         )
         raise LayerSelectionError(f"{argument}: no layer named {item!r}{hint}")
+
+
+def tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): its full names}`` for every parameter registered under more than one name."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {key: found for key, found in names.items() if len(found) > 1}

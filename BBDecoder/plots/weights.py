@@ -169,7 +169,10 @@ def _draw_param(ax: Axes, p: ParamHistogram) -> None:
         color=_SATURATED if flags(p) else "0.1",
         bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.8"},
     )
-    ax.set_title(shorten(f"{printable(p.name)}  [{_shape(p.shape)}]", 40), fontsize=8, loc="left")
+    title = shorten(f"{printable(p.name)}  [{_shape(p.shape)}]", 40)
+    if p.tied:  # one tensor under several names, computed once: say so where its panel starts
+        title += "\n" + shorten("tied to " + ", ".join(map(printable, p.tied)), 44)
+    ax.set_title(title, fontsize=8, loc="left")
     ax.tick_params(labelsize=7.5)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
     ax.xaxis.set_major_formatter(PlainFormatter())

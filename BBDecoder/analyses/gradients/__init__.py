@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ...core import checks, distributed
-from ...core.layers import ROOT_NAME, Selector, owned_parameters
+from ...core.layers import ROOT_NAME, Selector, owned_parameters, tied_names
 from ...errors import (
     BBDecoderError,
     BBDecoderTypeError,
@@ -42,7 +42,7 @@ from .._base import AnalyzerBase
 from . import save
 from .alerts import Thresholds, find_alerts, warn_once
 from .epoch import EpochData, gradient_rows, layer_norms, tensor_summary
-from .recorder import Plan, Recorder, scale_of, selection_key, tied_names
+from .recorder import Plan, Recorder, scale_of, selection_key
 
 CSV_HEADER = GRADIENT_CSV_HEADER
 SECTION = save.SECTION

@@ -188,5 +188,3 @@ def gradient_rows(data: EpochData) -> list[GradientRow]:
             else:
                 rows.append(GradientRow(*head, nan, nan, nan, nan, nan))
     return rows
-
-

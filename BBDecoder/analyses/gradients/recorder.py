@@ -250,7 +250,6 @@ class Recorder:
         self.row_scaled.clear()
 
 
-
 def selection_key(layer_inds: Selector, bias: bool) -> Any:
     """A cache key that tells ``5`` from ``5.0``, ``True`` and ``[5]`` apart (``None``: do not cache)."""
     items = layer_inds if isinstance(layer_inds, (list, tuple)) else (layer_inds,)
@@ -262,18 +261,8 @@ def selection_key(layer_inds: Selector, bias: bool) -> Any:
     return key
 
 
-def tied_names(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(parameter): its full names}`` for every parameter registered under more than one name."""
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return {key: found for key, found in names.items() if len(found) > 1}
-
-
 def scale_of(scaler: Any) -> torch.Tensor | None:
     """The scaler's current scale as a device tensor (``GradScaler.get_scale`` would sync)."""
     if scaler is None or not scaler.is_enabled():
         return None
     return getattr(scaler, "_scale", None)
-
-
