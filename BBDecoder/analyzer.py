@@ -102,6 +102,7 @@ class Master_analyzer(
         self.hooks = HookRegistry()
         self._output_shapes: dict[int, Any] = {}
         self._shapes_failed = False  # the model rejected the dummy input once: do not rerun it every call
+        self._printed_table = ""  # the last layer table printed (verbose): the same one is printed once
         self._init_gradients(
             include_bias=include_bias,
             vanish_threshold=vanish_threshold,
@@ -178,7 +179,8 @@ class Master_analyzer(
     def summary(self, *, costs: bool = False) -> list[dict[str, Any]]:
         """The layer table: ``id, name, type, params, trainable_params, output_shape``.
 
-        Printed when ``verbose``. Output shapes are known once ``input_size`` was given or
+        Printed when ``verbose``, unless this very table was printed last (at construction,
+        say): a table that changed (output shapes found, ``costs=True``) is printed. Output shapes are known once ``input_size`` was given or
         the model has run through :meth:`forward_propagation`.
 
         Args:
@@ -207,7 +209,10 @@ class Master_analyzer(
                     for key in ("forward_flops", "backward_flops", "forward_ms", "activation_bytes"):
                         row[key] = by_id[row["id"]][key]
                 columns += ["forward_flops", "forward_ms", "activation_bytes"]
-        self._say(format_table(rows, title=self._title(), totals=self._totals(), columns=columns))
+        table = format_table(rows, title=self._title(), totals=self._totals(), columns=columns)
+        if table != self._printed_table:  # the table printed at construction is not printed again
+            self._say(table)
+            self._printed_table = table
         return rows
 
     def _title(self) -> str:

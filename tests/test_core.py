@@ -152,8 +152,12 @@ def test_summary_golden(tmp_path: Path, capsys: pytest.CaptureFixture[str], requ
 def test_summary_printed_once_at_construction_only_when_verbose(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    Master_analyzer(SmallCNN(), tmp_path / "a", [1, 3, 8, 8])
+    wm = Master_analyzer(SmallCNN(), tmp_path / "a", [1, 3, 8, 8])
     assert capsys.readouterr().out.count("Total params") == 1
+    rows = wm.summary()  # as the README shows it, after construction: the same table is not printed twice
+    assert capsys.readouterr().out == "" and len(rows) == len(wm.layers)
+    wm.summary(costs=True)  # a different table (measured columns) is printed
+    assert "Fwd FLOPs" in capsys.readouterr().out
     Master_analyzer(SmallCNN(), tmp_path / "b", [1, 3, 8, 8], verbose=False)
     assert capsys.readouterr().out == ""
 
