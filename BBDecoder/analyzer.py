@@ -180,8 +180,9 @@ class Master_analyzer(
         """The layer table: ``id, name, type, params, trainable_params, output_shape``.
 
         Printed when ``verbose``, unless this very table was printed last (at construction,
-        say): a table that changed (output shapes found, ``costs=True``) is printed. Output shapes are known once ``input_size`` was given or
-        the model has run through :meth:`forward_propagation`.
+        say): a table that changed (output shapes found, ``costs=True``) is printed. Output
+        shapes are known once ``input_size`` was given or the model has run through
+        :meth:`forward_propagation`.
 
         Args:
             costs: also add the columns of :meth:`layer_costs` (one extra measured pass).

@@ -74,8 +74,8 @@ class CostMixin(AnalyzerBase):
 
         A layer that is never called itself but holds modules that are (GPT-2's
         ``transformer.h``, a ``ModuleList``) reports the sum of theirs, FLOPs, time and
-        activation bytes alike; one with nothing called inside gets zeros. Writes ``costs/layer_costs.csv`` and bar
-        charts ``costs/flops.png`` and ``costs/time.png``.
+        activation bytes alike; one with nothing called inside gets zeros. Writes ``costs/call001_layer_costs.csv`` and
+        bar charts ``costs/call001_flops.png`` and ``costs/call001_time.png`` (each call the next number).
 
         Args:
             input_size_or_example: an input shape such as ``[8, 3, 32, 32]`` (zeros of that
