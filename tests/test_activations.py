@@ -34,6 +34,8 @@ from BBDecoder.core.hooks import count_module_hooks
 from BBDecoder.output.schema import ACTIVATION_CSV_HEADER, ActivationEpochReport, ActivationRow
 
 GOLDEN_HEADER = "epoch,iteration,layer_id,layer_name,mean,std,max_abs,zero_frac,dead_frac,saturated_frac"
+
+
 def make(model: nn.Module, path: Path, **kwargs: Any) -> Master_analyzer:
     return Master_analyzer(model, path, None, verbose=False, **kwargs)
 

@@ -29,6 +29,8 @@ from BBDecoder.analyses.updates import MAD_SCALE, UpdateEpoch, UpdateRule, _Colu
 from BBDecoder.output.schema import UPDATE_CSV_HEADER, UpdateEpochReport, UpdateRow
 
 GOLDEN_HEADER = "epoch,step,layer_id,layer_name,param,update_norm,weight_norm,ratio"
+
+
 class AddOptimizer(torch.optim.Optimizer):
     """Adds a fixed tensor to each parameter: a Δw known in advance, from no gradient formula at all."""
 

@@ -245,7 +245,12 @@ def test_tied_weights_are_histogrammed_once_and_marked(tmp_path: Path, monkeypat
 
     computed: list[tuple[int, ...]] = []
     real = weights.tensor_histogram
-    monkeypatch.setattr(weights, "tensor_histogram", lambda t, *a, **k: computed.append(tuple(t.shape)) or real(t, *a, **k))
+
+    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        computed.append(tuple(tensor.shape))
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(weights, "tensor_histogram", counted)
     wm.visualize_weight_hist(["transformer", "transformer.wte", "lm_head"], bins=8)
     # the embedding once, though three selected layers hold it; every other tensor of transformer once
     assert computed.count((50, 16)) == 1
