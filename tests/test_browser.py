@@ -6,7 +6,8 @@ loads, every figure is shown at a size where its smallest text (7 pt at 110 dpi,
 10-pt labels in the architecture SVG) is still 8 px or more, the console stays free of
 errors, the layer table filters and sorts, a click opens the zoom view, and the page loads
 and reacts quickly (the times are printed; run with ``-s`` to see them). On the demo's,
-the epoch slider changes the figure. A screenshot is saved in the test's folder; set
+the epoch slider changes the figure; on the ResNet's, the grouped flow chart opens a per-tensor table. A
+screenshot is saved in the test's folder; set
 ``BBDECODER_SCREENSHOT=1`` (or a file path) to also save it as ``assets/report.png``.
 """
 
@@ -191,6 +192,30 @@ def test_architecture_is_the_newest_svg_with_labelled_clusters(browser: Any) -> 
     browser.execute_script("document.querySelector('#architecture button[data-zoom=in]').click()")
     wider = browser.execute_script("return arguments[0].getBoundingClientRect().width", viewer)
     assert wider == pytest.approx(1.25 * natural, rel=0.02)
+
+
+def test_grouped_flow_opens_a_per_tensor_table(browser: Any) -> None:
+    """107 tensors: the chart shows blocks; under it, collapsed, a row per tensor with both bars on one log axis."""
+    if browser.report_name != "resnet50":
+        pytest.skip("the demo's 13-layer CNN has one bar pair per tensor in the chart itself")
+    started = time.perf_counter()
+    table = browser.execute_script(
+        "const box = document.querySelector('#gradients .slider-images details.fig-details');"
+        "box.open = true; box.dispatchEvent(new Event('toggle'));"
+        "const rows = [...box.querySelectorAll('table.flow-table tbody tr')];"
+        "const cell = rows[0].cells[0];"
+        "return {summary: box.querySelector('summary').textContent, count: rows.length,"
+        " first: cell.textContent, font: parseFloat(getComputedStyle(cell).fontSize),"
+        " widths: rows.map(r => [...r.querySelectorAll('.bar')].map(b => b.getBoundingClientRect().width)),"
+        " ticks: [...box.querySelectorAll('.flow-axis span')].map(t => t.textContent)}"
+    )
+    elapsed_ms = 1000 * (time.perf_counter() - started)
+    assert table["summary"] == "Gradient flow per tensor (107 tensors)" and table["count"] == 107
+    assert table["first"] == "0 conv1.weight" and table["font"] >= MIN_TEXT_PX
+    assert all(max_bar >= mean_bar > 0 for max_bar, mean_bar in table["widths"])  # max |g| >= mean |g|, both drawn
+    assert table["ticks"][0].startswith("1e") and len(table["ticks"]) >= 2
+    assert elapsed_ms < INTERACTION_BUDGET_MS * 4
+    print(f"\n[{browser.report_name}] per-tensor flow table of {table['count']} rows built in {elapsed_ms:.0f} ms")
 
 
 def test_layer_table_filters_and_sorts(browser: Any) -> None:

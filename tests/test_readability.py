@@ -211,13 +211,16 @@ def test_norm_curves_stay_readable(count: int) -> None:
         grad_plots.norm_curves_figure(norm_panels(grad_plots.MAX_NORM_PANELS + 1), title="too many")
 
 
-def test_a_big_models_epoch_saves_grouped_flow_with_its_pages_and_shared_norm_pages(tmp_path: Path) -> None:
-    """save_collected_grads on 70 tensors: the grouped chart, every tensor once on the detail pages, paged norms."""
+def test_a_big_models_epoch_saves_a_grouped_flow_its_tensors_numbers_and_shared_norm_pages(tmp_path: Path) -> None:
+    """save_collected_grads on 70 tensors: the grouped chart, every tensor in alerts.json and the report's table."""
+    from BBDecoder.report.builder import collect
+
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(4, 4, bias=False) for _ in range(70)])
     wm = Master_analyzer(model, tmp_path, verbose=False)
     for _ in range(3):
         wm.backward_propagation(wm.forward_propagation(torch.randn(2, 4)).square().sum(), collect_grads=True)
+    grads = [[p.grad.detach().double().abs() for p in model.parameters()]]  # the last step's, for one check
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 70 stacked linears: the gradients do vanish
         written = wm.save_collected_grads(0)
@@ -225,12 +228,17 @@ def test_a_big_models_epoch_saves_grouped_flow_with_its_pages_and_shared_norm_pa
     for entry in wm.store.outputs("gradients"):
         kinds.setdefault(entry["kind"], []).append(entry["path"])
     assert kinds["flow"] == ["gradients/epoch_000_flow.png"]
-    assert kinds["flow_detail"] == [f"gradients/epoch_000_flow_detail_{k}of2.png" for k in (1, 2)]
     assert kinds["norms"] == [f"gradients/epoch_000_norms_{k}of3.png" for k in (1, 2, 3)]  # 24 layers a page
-    for path in kinds["flow_detail"] + kinds["norms"]:
+    for path in kinds["norms"]:
         assert tmp_path / path in written
         with Image.open(tmp_path / path) as image:
             assert max(image.size) <= MAX_PX
+    (frame,) = collect(wm.store)["gradients"]["frames"]
+    table = frame["details"]["table"]
+    assert [row[0] for row in table["rows"]] == [f"{i} {i}.weight" for i in range(70)]  # every tensor, in order
+    assert all(row[2] >= grads[0][i].max().item() * (1 - 1e-6) for i, row in enumerate(table["rows"]))  # epoch max
+    positive = [v for row in table["rows"] for v in row[1:3] if v]
+    assert 10.0 ** table["low"] <= min(positive) and max(positive) <= 10.0 ** table["high"]
 
 
 @pytest.mark.parametrize("count", SIZES)

@@ -69,7 +69,6 @@ SECTIONS: dict[str, Section] = {
             False,
             {
                 "flow": "epoch_{epoch:03d}_flow{page}.png",
-                "flow_detail": "epoch_{epoch:03d}_flow_detail{page}.png",
                 "norms": "epoch_{epoch:03d}_norms{page}.png",
                 "csv": "epoch_{epoch:03d}_grads.csv",
                 "layers": "epoch_{epoch:03d}_layers.npz",

@@ -15,10 +15,12 @@ its keys. Conventions:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, TypeVar, Union
@@ -323,17 +325,27 @@ def row_from_csv(record: type[R], row: Mapping[str, str]) -> R:
 
 def csv_cells(record: Record) -> list[Any]:
     """A record as CSV cells: floats with nine significant digits (round-trips float32), ``nan``."""
-    cells = []
-    for f in dataclasses.fields(record):  # type: ignore[arg-type]
-        value = getattr(record, f.name)
-        if isinstance(value, float):
-            cells.append(f"{value:.9g}" if math.isfinite(value) else ("nan" if math.isnan(value) else repr(value)))
-        else:
-            cells.append("" if value is None else value)
-    return cells
+    return [_cell(value) for value in _field_values(type(record))(record)]
+
+
+def _cell(value: Any) -> Any:
+    if type(value) is float or isinstance(value, float):
+        if value == value and value not in (math.inf, -math.inf):
+            return f"{value:.9g}"
+        return "nan" if value != value else repr(value)
+    return "" if value is None else value
+
+
+@functools.cache
+def _field_values(record: type) -> Callable[[Any], tuple[Any, ...]]:
+    """A function returning a record's field values in field order (one ``attrgetter``, built once per class)."""
+    names = [f.name for f in dataclasses.fields(record)]
+    getter = operator.attrgetter(*names)
+    return getter if len(names) > 1 else (lambda item: (getter(item),))
 
 
 # ------------------------------------------------------------------------- helpers
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -129,9 +129,16 @@ def csv_text(rows: Iterable[Sequence[Any]]) -> str:
     buffer = io.StringIO()
     plain = csv.writer(buffer, lineterminator="\n")
     quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    numbers = (int, float)
     for row in rows:
         values = list(row)
-        hostile = any("\r" in (v if isinstance(v, str) else str(v)) for v in values if v is not None)
+        hostile = False
+        for value in values:
+            if value is None or type(value) in numbers:
+                continue  # neither holds a "\r"
+            if "\r" in (value if isinstance(value, str) else str(value)):
+                hostile = True
+                break
         (quoted if hostile else plain).writerow(values)
     return buffer.getvalue()
 

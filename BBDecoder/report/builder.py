@@ -134,7 +134,7 @@ def collect(store: Store) -> dict[str, Any]:
     layers = _layer_rows(run, costs["by_id"], {a["layer_id"] for a in alerts if a.get("layer_id") is not None})
     sections = {
         "architecture": _architecture(by_section.get("architecture", [])),
-        "gradients": _gradients(by_section.get("gradients", [])),
+        "gradients": _gradients(store.root, by_section.get("gradients", [])),
         "weights": _weights(by_section.get("weights", [])),
         "similarity": _similarity(by_section.get("similarity", [])),
         "features": _features(by_section.get("features", []), by_section.get("video", [])),
@@ -351,8 +351,9 @@ def _architecture(entries: list[Entry]) -> dict[str, Any]:
     }
 
 
-def _gradients(entries: list[Entry]) -> dict[str, Any]:
-    pictures = [e for e in _of_kind(entries, "flow", "norms", "flow_detail") if _is_image(e)]
+def _gradients(root: Path, entries: list[Entry]) -> dict[str, Any]:
+    pictures = [e for e in _of_kind(entries, "flow", "norms") if _is_image(e)]
+    summaries = _group([e for e in _of_kind(entries, "alerts") if e.suffix == ".json"], lambda e: e.get("epoch"))
     frames: list[Frame] = []
     for epoch, group in _group(pictures, lambda e: e.get("epoch")).items():
         flow = _latest(_of_kind(group, "flow"))
@@ -360,16 +361,10 @@ def _gradients(entries: list[Entry]) -> dict[str, Any]:
         norms = _of_kind(group, "norms")
         images += [_image(e, f"L1/L2 norms per iteration, epoch {_label(epoch)}") for e in _latest_per_name(norms)]
         frame: Frame = {"label": f"epoch {_label(epoch)}", "images": images}
-        # a grouped flow chart (many tensors) has its per-tensor pages one level down, collapsed
-        pages = _latest_per_name(_of_kind(group, "flow_detail"))
-        if pages:
-            frame["details"] = {
-                "summary": f"Gradient flow per tensor ({len(pages)} page{'s' if len(pages) != 1 else ''})",
-                "images": [
-                    _image(e, f"Gradient flow per tensor, epoch {_label(epoch)}, page {i}")
-                    for i, e in enumerate(pages, start=1)
-                ],
-            }
+        # a grouped flow chart (many tensors) has its per-tensor bars one level down: a table, collapsed
+        table = _flow_table(root, _latest(summaries.get(epoch, [])))
+        if table is not None:
+            frame["details"] = {"summary": f"Gradient flow per tensor ({len(table['rows'])} tensors)", "table": table}
         frames.append(frame)
     heatmap = _latest([e for e in _of_kind(entries, "heatmap") if _is_image(e)])
     return {
@@ -380,6 +375,36 @@ def _gradients(entries: list[Entry]) -> dict[str, Any]:
         else None,
         "data": _data_files(entries),
     }
+
+
+def _flow_table(root: Path, entry: Entry | None) -> dict[str, Any] | None:
+    """The per-tensor rows behind a grouped flow chart, from the epoch's ``alerts.json``.
+
+    ``None`` when the epoch's chart shows every tensor itself (at most
+    :data:`~BBDecoder.plots.gradients.FLOW_PAGE`) or the file cannot be read. Rows are
+    ``[label, mean_abs, max_abs, status, note]`` (``None`` for a non-finite number); the
+    bars share one log axis from the decade below the smallest positive value to the
+    decade above the largest.
+    """
+    from ..plots.gradients import FLOW_PAGE
+
+    if entry is None:
+        return None
+    try:
+        report = GradientEpochReport.from_json(_read_json(root / entry.path))
+    except SchemaError:
+        return None
+    if len(report.summary) <= FLOW_PAGE:
+        return None
+
+    def number(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    rows = [[t.label, number(t.mean_abs), number(t.max_abs), t.status, t.note] for t in report.summary]
+    positive = [v for row in rows for v in row[1:3] if v is not None and v > 0]
+    low = math.floor(math.log10(min(positive))) if positive else -8
+    high = math.ceil(math.log10(max(positive))) if positive else 0
+    return {"rows": rows, "low": low, "high": max(high, low + 1)}
 
 
 def _latest_per_name(entries: list[Entry]) -> list[Entry]:

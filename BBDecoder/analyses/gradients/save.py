@@ -120,7 +120,7 @@ def write_epoch(
         return path, {"section": SECTION, "meta": {"epoch": epoch, "kind": kind}}
 
     skipped = data.iterations[data.skipped]
-    flow_data = {
+    flow_data: dict[str, Any] = {
         "labels": [row.label for row in summary],
         "mean_abs": np.array([row.mean_abs for row in summary], dtype=np.float64),
         "max_abs": np.array([row.max_abs for row in summary], dtype=np.float64),
@@ -131,13 +131,10 @@ def write_epoch(
         "vanish_threshold": thresholds.vanish,
         "explode_threshold": thresholds.explode,
     }
+    # past FLOW_PAGE tensors the chart shows groups; each tensor's numbers are in alerts.json
+    # (the report's table one level down), and plots.gradient_flow_pages draws them as pages
     path, where = put("flow")
     written.append(store.save_figure(plots.gradient_flow_figure(**flow_data), path, **where))
-    if len(summary) > plots.FLOW_PAGE:  # the chart shows groups: each tensor's bars one level down, paged
-        details = plots.gradient_flow_pages(**flow_data)
-        for number, figure in enumerate(details, start=1):
-            path, where = put("flow_detail", page=layout.page_suffix(number, len(details)))
-            written.append(store.save_figure(figure, path, **where))
 
     panels = []
     for (layer_id, name), (l1, l2) in norms.items():
