@@ -206,6 +206,39 @@ def test_real_analyses_feed_tensorboard(tmp_path: Path) -> None:
     np.testing.assert_allclose(grad_event.histogram_value.sum, model.fc.weight.grad.double().sum().item(), atol=1e-6)
 
 
+def test_activation_health_and_update_ratios_feed_tensorboard(tmp_path: Path) -> None:
+    """The saved CSVs' numbers, as scalars: act_<stat>/<ID name> per pass, update_ratio/<ID name.param> per step."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    wm = Master_analyzer(model, tmp_path / "run", verbose=False, tensorboard_dir=tmp_path / "tb")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    wm.watch_optimizer(optimizer, "fc")
+    for _ in range(3):
+        loss = F.cross_entropy(wm(torch.randn(4, 3, 8, 8), collect_acts=True), torch.tensor([0, 1, 2, 3]))
+        optimizer.zero_grad()
+        wm.backward_propagation(loss, collect_grads=True, layer_inds="fc")
+        optimizer.step()
+    written = wm.save_collected_grads(0)
+    wm.close()
+    events = read_events(tmp_path / "tb")
+
+    def csv_rows(name: str) -> list[dict[str, str]]:
+        with next(Path(p) for p in written if str(p).endswith(name)).open() as stream:
+            return list(csv.DictReader(stream))
+
+    acts, updates = csv_rows("_activations.csv"), csv_rows("_updates.csv")
+    assert acts and updates
+    for row in acts:
+        tag = f"{row['layer_id']} {row['layer_name']}"
+        for stat in ("mean", "std", "max_abs", "dead_frac"):
+            by_step = {e.step: e.value for e in events.Scalars(f"act_{stat}/{tag}")}
+            np.testing.assert_allclose(by_step[int(row["iteration"])], float(row[stat]), rtol=1e-5, atol=1e-7)
+    for row in updates:
+        by_step = {e.step: e.value for e in events.Scalars(f"update_ratio/{row['layer_id']} fc.{row['param']}")}
+        np.testing.assert_allclose(by_step[int(row["step"])], float(row["ratio"]), rtol=1e-5)
+    assert not [t for t in events.Tags()["scalars"] if t.startswith("act_saturated_frac/")]  # no bounded layer: nan
+
+
 def test_missing_gradients_are_left_out(analyzer: Master_analyzer, tmp_path: Path) -> None:
     rows = gradient_rows()[:2]
     rows[0] = dict(rows[0], l2=float("nan"), l1="nan", mean_abs=None)

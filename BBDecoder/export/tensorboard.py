@@ -1,9 +1,10 @@
 """TensorBoard export: subscribes to the analyses' events and writes what they computed.
 
-Nothing here touches the model or recomputes a statistic: gradient scalars come from the
-rows ``save_collected_grads`` saved (one event per recorded iteration, no work per
-training step), histograms from the ones ``visualize_weight_hist`` computed on the
-device, for the weights and, alongside them, the current gradients.
+Nothing here touches the model or recomputes a statistic: gradient, activation-health and
+update-ratio scalars come from the rows ``save_collected_grads`` saved (one event per
+recorded iteration, no work per training step), histograms from the ones
+``visualize_weight_hist`` computed on the device, for the weights and, alongside them, the
+current gradients.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from ..errors import BBDecoderTypeError, BBDecoderValueError, require
 
 if TYPE_CHECKING:
     from ..analyses.weights import LayerHistograms, ParamHistogram
-    from ..output.schema import GradientRow
+    from ..output.schema import ActivationRow, GradientRow, UpdateRow
 
 # Scalars written per gradient row; TensorBoard groups tags by the text before the first "/".
 GRADIENT_SCALARS = ("l2", "l1", "mean_abs", "max_abs")
+ACTIVATION_SCALARS = ("mean", "std", "max_abs", "zero_frac", "dead_frac", "saturated_frac")
+UPDATE_SCALARS = ("ratio", "update_norm")
 
 
 class TensorBoardExport:
@@ -48,6 +51,8 @@ class TensorBoardExport:
         self._subscriptions += [
             events.subscribe("gradients_saved", self.on_gradients_saved),
             events.subscribe("weights_histogram", self.on_weights_histogram),
+            events.subscribe("activations_saved", self.on_activations_saved),
+            events.subscribe("updates_saved", self.on_updates_saved),
         ]
 
     def close(self) -> None:
@@ -62,24 +67,47 @@ class TensorBoardExport:
 
     # ------------------------------------------------------------------ events
     def on_gradients_saved(self, epoch: int, rows: Sequence[GradientRow]) -> None:
-        """One scalar per statistic per parameter tensor per recorded iteration.
+        """``grad_<stat>/<ID name.param>`` per recorded iteration; ``grad_nonfinite`` where it is above 0.
 
         The scalars of one iteration go out as one event (one ``Summary`` holding every
         tag), about ten times faster than one ``add_scalar`` call per value. A missing
         gradient (NaN) is left out, not drawn as a value.
         """
+        self._write_rows(rows, "grad", GRADIENT_SCALARS, step="iteration", param="param", when_positive=("nonfinite",))
+
+    def on_activations_saved(self, epoch: int, rows: Sequence[ActivationRow]) -> None:
+        """``act_<stat>/<ID name>`` per recorded forward pass (NaN: not run, or not bounded, is left out)."""
+        self._write_rows(rows, "act", ACTIVATION_SCALARS, step="iteration", param=None)
+
+    def on_updates_saved(self, epoch: int, rows: Sequence[UpdateRow]) -> None:
+        """``update_ratio/<ID name.param>`` (‖Δw‖/‖w‖) and ``update_update_norm/…`` per optimizer step."""
+        self._write_rows(rows, "update", UPDATE_SCALARS, step="step", param="param")
+
+    def _write_rows(
+        self,
+        rows: Sequence[Any],
+        prefix: str,
+        stats: Sequence[str],
+        *,
+        step: str,
+        param: str | None,
+        when_positive: Sequence[str] = (),
+    ) -> None:
+        """``<prefix>_<stat>/<tag>`` of every finite ``stats`` value (and ``when_positive`` ones above 0), by step."""
         if self.writer is None:
             return
         by_step: dict[int, list[tuple[str, float]]] = {}
         for row in rows:
-            tag = tag_of(row.layer_id, row.layer_name, row.param)
-            values = by_step.setdefault(int(row.iteration), [])
-            for stat in GRADIENT_SCALARS:
+            tag = tag_of(row.layer_id, row.layer_name, getattr(row, param) if param else None)
+            values = by_step.setdefault(int(getattr(row, step)), [])
+            for stat in stats:
                 value = getattr(row, stat)
                 if math.isfinite(value):
-                    values.append((f"grad_{stat}/{tag}", float(value)))
-            if math.isfinite(row.nonfinite) and row.nonfinite > 0:
-                values.append((f"grad_nonfinite/{tag}", float(row.nonfinite)))
+                    values.append((f"{prefix}_{stat}/{tag}", float(value)))
+            for stat in when_positive:
+                value = getattr(row, stat)
+                if math.isfinite(value) and value > 0:
+                    values.append((f"{prefix}_{stat}/{tag}", float(value)))
         write_scalars(self.writer, by_step)
         self.writer.flush()
 
