@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,54 @@ from ..output.store import Store
 from ..summary import printable
 
 logger = logging.getLogger("BBDecoder")
+
+WORST_SHOWN = 5
+"""Alerts quoted in a save's warning; the full list is in its alerts file."""
+
+
+def warn_new_alerts(
+    alerts: Iterable[Any],
+    warned: set[Hashable],
+    *,
+    subject: str,
+    unit: str,
+    titles: Mapping[str, str],
+    where: str,
+    category: type[Warning],
+    key: Callable[[Any], Hashable] = lambda a: (a.kind, a.layer_id),
+    order: Callable[[Any], Any] | None = None,
+    stacklevel: int = 4,
+) -> None:
+    """One warning per save for the alerts not warned before: counts by kind, then the worst few.
+
+    Args:
+        alerts: this save's alerts (``kind``, ``epoch``, ``message`` each).
+        warned: keys already warned (updated in place).
+        subject: ``"gradient"``, ``"activation"``…, the message's first word.
+        unit: what is counted (``"tensor(s)"``, ``"layer(s)"``).
+        titles: ``{kind: word}`` in the order the counts are given; other kinds count under the last.
+        where: the file holding the full list, named in the message.
+        category: the warning class.
+        key: what makes an alert the same as one warned before.
+        order: sort key putting the worst first (default: as given).
+        stacklevel: passed to ``warnings.warn``.
+    """
+    new = [a for a in alerts if key(a) not in warned]
+    if not new:
+        return
+    warned.update(key(a) for a in new)
+    last = list(titles)[-1]
+    counts = dict.fromkeys(titles, 0)
+    for alert in new:
+        counts[alert.kind if alert.kind in titles else last] += 1
+    summary = ", ".join(f"{n} {titles[kind]}" for kind, n in counts.items() if n)
+    epochs = ", ".join(str(e) for e in sorted({a.epoch for a in new}))
+    worst = sorted(new, key=order) if order is not None else new
+    lines = [f"{subject} alerts, epoch {epochs}: {summary} {unit}; full list in {where}"]
+    lines += [f"  {printable(a.message)}" for a in worst[:WORST_SHOWN]]
+    if len(new) > WORST_SHOWN:
+        lines.append(f"  … and {len(new) - WORST_SHOWN} more")
+    warnings.warn("\n".join(lines), category, stacklevel=stacklevel)
 
 
 class AnalyzerBase:

@@ -63,8 +63,7 @@ from ..output.schema import (
     manifest_entries,
 )
 from ..output.store import Store
-from ..summary import printable
-from ._base import AnalyzerBase
+from ._base import AnalyzerBase, warn_new_alerts
 
 SECTION = "activations"
 STATS = ("mean", "std", "max_abs", "zero_frac", "dead_frac", "saturated_frac")
@@ -74,7 +73,6 @@ DEAD_THRESHOLD = 0.5
 """Default ``dead_threshold``: a layer alerts when at least this fraction of its units is dead."""
 SATURATED_THRESHOLD = 0.25
 """Default ``saturated_threshold``: a bounded layer alerts when this fraction of its outputs is saturated."""
-WORST_SHOWN = 5
 _ROW_CAPACITY = 64
 _WIDTH = len(STATS) + 1  # the last cell is 1 when the layer ran in that pass (NaN: it did not)
 _LAYERS_PER_PAGE = 40
@@ -509,7 +507,16 @@ class ActivationMixin(AnalyzerBase):
         if not self.store.enabled:
             return []
         where = layout.relative_path(SECTION, "alerts", folder=folder, epoch=epoch)
-        _warn_once(alerts, state.warned, where=where)
+        warn_new_alerts(
+            alerts,
+            state.warned,
+            subject="activation",
+            unit="layer(s)",
+            titles={"dead": "dead", "saturated": "saturated"},
+            where=where,
+            category=ActivationAlertWarning,
+            order=lambda alert: -alert.value,
+        )
         self._say(
             f"activations: epoch {epoch}, {len(data.iterations)} recorded passes × {len(data.layers)} layers, "
             f"{len(alerts)} alert(s) → {self.store.root / folder}"
@@ -819,22 +826,6 @@ def _write_epoch(
     path, where = put("alerts")
     written.append(store.write_json(path, report.to_json(), **where))
     return [p for p in written if p is not None]
-
-
-def _warn_once(alerts: Sequence[Alert], warned: set[tuple[str, int]], *, where: str) -> None:
-    new = [a for a in alerts if (a.kind, a.layer_id) not in warned]
-    if not new:
-        return
-    warned.update((a.kind, a.layer_id) for a in new)
-    dead = sum(a.kind == "dead" for a in new)
-    saturated = len(new) - dead
-    counts = ", ".join(f"{n} {kind}" for n, kind in ((dead, "dead"), (saturated, "saturated")) if n)
-    epochs = ", ".join(str(e) for e in sorted({a.epoch for a in new}))
-    lines = [f"activation alerts, epoch {epochs}: {counts} layer(s); full list in {where}"]
-    lines += [f"  {printable(a.message)}" for a in sorted(new, key=lambda a: -a.value)[:WORST_SHOWN]]
-    if len(new) > WORST_SHOWN:
-        lines.append(f"  … and {len(new) - WORST_SHOWN} more")
-    warnings.warn("\n".join(lines), ActivationAlertWarning, stacklevel=4)
 
 
 # ----------------------------------------------------------------------- checks

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,8 +54,7 @@ from ..errors import (
 from ..output import layout
 from ..output.schema import UPDATE_CSV_HEADER, Alert, UpdateEpochReport, UpdateRow, UpdateSummary, csv_cells
 from ..output.store import Store
-from ..summary import printable
-from ._base import AnalyzerBase
+from ._base import AnalyzerBase, warn_new_alerts
 
 SECTION = "updates"
 GUIDE_RATIO = 1e-3
@@ -69,7 +67,6 @@ LARGE_RATIO = 0.1
 """Default ``large_ratio``: a median ratio above this is ``update_large`` whatever the other layers do."""
 MAD_SCALE = 1.4826
 """Median absolute deviation × this estimates a standard deviation (exact for a normal distribution)."""
-WORST_SHOWN = 5
 _ROW_CAPACITY = 64
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -509,7 +506,16 @@ class UpdateMixin(AnalyzerBase):
         if not self.store.enabled:
             return []
         where = layout.relative_path(SECTION, "alerts", folder=folder, epoch=epoch)
-        _warn_once(alerts, state.warned, where=where)
+        warn_new_alerts(
+            alerts,
+            state.warned,
+            subject="update",
+            unit="layer(s)",
+            titles={"update_large": "too large", "update_small": "too small"},
+            where=where,
+            category=UpdateAlertWarning,
+            order=lambda alert: -abs(math.log10(alert.value) + 3) if alert.value > 0 else -math.inf,  # far from 1e-3
+        )
         self._say(
             f"updates: epoch {epoch}, {len(data.steps)} steps × {len(data.columns)} tensors, "
             f"{len(alerts)} alert(s) → {self.store.root / folder}"
@@ -688,22 +694,6 @@ def _write_epoch(
     path, where = put("alerts")
     written.append(store.write_json(path, report.to_json(), **where))
     return [p for p in written if p is not None]
-
-
-def _warn_once(alerts: Sequence[Alert], warned: set[tuple[str, int]], *, where: str) -> None:
-    new = [a for a in alerts if (a.kind, a.layer_id) not in warned]
-    if not new:
-        return
-    warned.update((a.kind, a.layer_id) for a in new)
-    large = sum(a.kind == "update_large" for a in new)
-    small = len(new) - large
-    counts = ", ".join(f"{n} {kind}" for n, kind in ((large, "too large"), (small, "too small")) if n)
-    epochs = ", ".join(str(e) for e in sorted({a.epoch for a in new}))
-    lines = [f"update alerts, epoch {epochs}: {counts} layer(s); full list in {where}"]
-    lines += [f"  {printable(a.message)}" for a in new[:WORST_SHOWN]]
-    if len(new) > WORST_SHOWN:
-        lines.append(f"  … and {len(new) - WORST_SHOWN} more")
-    warnings.warn("\n".join(lines), UpdateAlertWarning, stacklevel=4)
 
 
 # --------------------------------------------------------------------- helpers

@@ -33,14 +33,15 @@ from ...errors import (
     BBDecoderTypeError,
     BBDecoderValueError,
     BBDecoderWarning,
+    GradientAlertWarning,
     LayerSelectionError,
     OutputWriteError,
 )
 from ...kernels import gradstats
 from ...output.schema import GRADIENT_CSV_HEADER, Alert
-from .._base import AnalyzerBase
+from .._base import AnalyzerBase, warn_new_alerts
 from . import save
-from .alerts import Thresholds, find_alerts, warn_once
+from .alerts import TITLES, Thresholds, find_alerts, severity
 from .epoch import EpochData, gradient_rows, layer_norms, tensor_summary
 from .recorder import Plan, Recorder, scale_of, selection_key
 
@@ -354,7 +355,18 @@ class GradientMixin(AnalyzerBase):
         if not self.store.enabled:
             return []
         where = save.layout.relative_path(SECTION, "alerts", folder=folder, epoch=epoch)
-        warn_once(alerts, state.warned, where=where)
+        warn_new_alerts(
+            alerts,
+            state.warned,
+            subject="gradient",
+            unit="tensor(s)",
+            titles=TITLES,
+            where=where,
+            category=GradientAlertWarning,
+            key=lambda alert: (alert.kind, alert.layer_id, alert.param),
+            order=severity,
+            stacklevel=3,
+        )
         self._say(
             f"gradients: epoch {epoch}, {len(data.iterations)} iterations × {len(data.columns)} tensors, "
             f"{len(alerts)} alert(s), {int(data.skipped.sum())} skipped step(s) → {self.store.root / folder}"

@@ -8,19 +8,13 @@ worst few; the full list goes to the epoch's ``alerts.json``.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import GradientAlertWarning
 from ...output.schema import Alert
-from ...summary import printable
 from .epoch import ColumnInfo, EpochData
-
-WORST_SHOWN = 5
-"""Alerts named in the console warning; the rest are counted (all are in ``alerts.json``)."""
 
 
 @dataclass(frozen=True)
@@ -109,37 +103,13 @@ def find_alerts(
     return alerts, fresh
 
 
-_TITLES = {"nonfinite": "non-finite", "vanishing": "vanishing", "exploding": "exploding"}
+TITLES = {"nonfinite": "non-finite", "vanishing": "vanishing", "exploding": "exploding"}
 
 
-def _severity(alert: Alert) -> tuple[int, float]:
+def severity(alert: Alert) -> tuple[int, float]:
     """Sort key, worst first: non-finite by iteration, exploding by peak, vanishing by smallness."""
     if alert.kind == "nonfinite":
         return 0, float(alert.iteration)
     if alert.kind == "exploding":
         return 1, -alert.value
     return 2, alert.value
-
-
-def warn_once(alerts: Iterable[Alert], warned: set[tuple[str, int, str]], *, where: str, stacklevel: int = 3) -> None:
-    """One :class:`GradientAlertWarning` for the alerts not warned before: counts, then the worst few.
-
-    Args:
-        alerts: this save's alerts.
-        warned: ``(kind, layer_id, param)`` already warned (updated in place).
-        where: the file holding the full list, named in the message.
-        stacklevel: passed to ``warnings.warn``.
-    """
-    new = [a for a in alerts if (a.kind, a.layer_id, a.param) not in warned]
-    if not new:
-        return
-    warned.update((a.kind, a.layer_id, a.param) for a in new)
-    counts = {kind: sum(a.kind == kind for a in new) for kind in _TITLES}
-    summary = ", ".join(f"{n} {_TITLES[kind]}" for kind, n in counts.items() if n)
-    epochs = sorted({a.epoch for a in new})
-    worst = sorted(new, key=_severity)[:WORST_SHOWN]
-    lines = [f"gradient alerts, epoch {', '.join(map(str, epochs))}: {summary} tensor(s); full list in {where}"]
-    lines += [f"  {printable(a.message)}" for a in worst]
-    if len(new) > WORST_SHOWN:
-        lines.append(f"  … and {len(new) - WORST_SHOWN} more")
-    warnings.warn("\n".join(lines), GradientAlertWarning, stacklevel=stacklevel)
