@@ -40,7 +40,8 @@ class OutputWriteError(BBDecoderError, OSError):
     """
 
     def __str__(self) -> str:
-        return str(self.strerror)
+        # OSError(errno, message, filename) keeps the message in strerror; a plain message is args[0]
+        return str(self.strerror) if self.strerror is not None else super().__str__()
 
 
 class VideoWriteError(BBDecoderError, RuntimeError):

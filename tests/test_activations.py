@@ -429,3 +429,27 @@ def test_figures_stay_readable(count: int) -> None:
             assert max(image.size) <= 4000, image.size
         sizes = [t.get_fontsize() * 110 / 72 for t in figure.findobj(Text) if t.get_visible() and t.get_text().strip()]
         assert min(sizes) >= 8.0
+
+
+def test_a_failed_activation_write_keeps_the_epoch_and_the_gradient_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradients are saved and reported (event, warning) before the activation files; those stay held on failure."""
+    from BBDecoder import OutputWriteError
+    from BBDecoder.analyses import activations
+
+    wm = Master_analyzer(MLP(), tmp_path, verbose=False)
+    saved: list[int] = []
+    wm.events.subscribe("gradients_saved", lambda **data: saved.append(data["epoch"]))
+    wm.backward_propagation(wm.forward_propagation(torch.randn(4, 10), collect_acts=True).sum(), collect_grads=True)
+
+    def full_disk(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(activations, "_write_epoch", full_disk)
+    with pytest.raises(OutputWriteError, match=r"could not write the activation files: .*No space left.*still held"):
+        wm.save_collected_grads(3)
+    assert saved == [3] and (tmp_path / "gradients/epoch_003_grads.csv").is_file()
+    monkeypatch.undo()
+    written = wm.save_collected_grads(3)  # the held activation epoch, written once the cause is gone
+    assert [p.name for p in written if p.suffix == ".csv"] == ["epoch_003_activations.csv"]

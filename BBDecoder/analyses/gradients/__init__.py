@@ -38,7 +38,7 @@ from ...errors import (
     OutputWriteError,
 )
 from ...kernels import gradstats
-from ...output.schema import GRADIENT_CSV_HEADER, Alert
+from ...output.schema import GRADIENT_CSV_HEADER, Alert, GradientRow
 from .._base import AnalyzerBase, warn_new_alerts
 from . import save
 from .alerts import TITLES, Thresholds, find_alerts, severity
@@ -351,13 +351,20 @@ class GradientMixin(AnalyzerBase):
         state.history = history
         state.alerts.extend(alerts)
         state.first_nonfinite.update(fresh)
+        if self.store.enabled:
+            self._report_gradient_epoch(epoch, folder, data, alerts, rows)
+        # after the gradients' own report: a failed write here leaves their warning and event done
         health = self._save_activation_epoch(epoch, save_folder) + self._save_update_epoch(epoch, save_folder)
-        if not self.store.enabled:
-            return []
+        return paths + health if self.store.enabled else []
+
+    def _report_gradient_epoch(
+        self, epoch: int, folder: Any, data: EpochData, alerts: list[Alert], rows: list[GradientRow]
+    ) -> None:
+        """The saved epoch's warning (new alerts only), console line and ``gradients_saved`` event."""
         where = save.layout.relative_path(SECTION, "alerts", folder=folder, epoch=epoch)
         warn_new_alerts(
             alerts,
-            state.warned,
+            self._grads.warned,
             subject="gradient",
             unit="tensor(s)",
             titles=TITLES,
@@ -365,14 +372,13 @@ class GradientMixin(AnalyzerBase):
             category=GradientAlertWarning,
             key=lambda alert: (alert.kind, alert.layer_id, alert.param),
             order=severity,
-            stacklevel=3,
+            stacklevel=4,
         )
         self._say(
             f"gradients: epoch {epoch}, {len(data.iterations)} iterations × {len(data.columns)} tensors, "
             f"{len(alerts)} alert(s), {int(data.skipped.sum())} skipped step(s) → {self.store.root / folder}"
         )
         self.events.emit("gradients_saved", epoch=epoch, rows=rows)
-        return paths + health
 
     def gradient_alerts(self) -> list[dict[str, Any]]:
         """Every alert reported by ``save_collected_grads`` so far, oldest first.
