@@ -313,7 +313,7 @@ def test_empty_save_path_degrades_gracefully(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.write_json(RUN_NAME, {"model": "Bare", "layers": LAYERS[:1]}, overwrite=True)
     text = build_report(tmp_path).read_text(encoding="utf-8")
-    assert text.count("Not run.") == 8  # alerts, architecture and the six analyses
+    assert text.count("Not run.") == 10  # alerts, architecture and the eight analyses
     assert "wm.visualize_weight_hist(layer_inds)" in text
     assert slider_frames(text) == []
     assert "<img" not in text
@@ -326,7 +326,7 @@ def test_only_some_sections(tmp_path: Path) -> None:
     text = build_report(tmp_path).read_text(encoding="utf-8")
     assert "No alerts" in text  # gradients were checked and nothing fired
     assert len(slider_frames(text)) == 1
-    assert text.count("Not run.") == 6  # architecture and five analyses
+    assert text.count("Not run.") == 8  # architecture and seven analyses
 
 
 def test_missing_files_are_skipped_and_listed(tmp_path: Path) -> None:
@@ -417,3 +417,42 @@ def test_number_formatting(value: Any, si: str, size: str, cell: str) -> None:
     assert format_si(value) == si
     assert format_bytes(value) == size
     assert format_cell(value) == cell
+
+
+def test_activation_health_and_update_ratios_have_sections_and_alerts(tmp_path: Path) -> None:
+    """The alerts of every health file reach the report (not only the gradients'), and each analysis its section."""
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from BBDecoder import Master_analyzer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit of the ReLU dead
+    wm = Master_analyzer(model, tmp_path, verbose=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wm.watch_optimizer(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            loss = F.cross_entropy(wm(torch.randn(4, 8), collect_acts=True), torch.tensor([0, 1, 2, 3]))
+            optimizer.zero_grad()
+            wm.backward_propagation(loss, collect_grads=True)
+            optimizer.step()
+        wm.save_collected_grads(0)
+    context = collect(wm.store)
+    kinds = {(a["kind"], a["layer_name"]) for a in context["alerts"]}
+    assert ("dead", "1") in kinds  # from epoch_000_activation_alerts.json
+    assert {kind for kind, _ in kinds} >= {"dead", "update_small"}  # the dead layer's weights stop moving
+    assert {a["title"] for a in context["alerts"] if a["kind"] == "update_small"} == {"Update too small"}
+    for section in ("activations", "updates"):
+        (frame,) = context[section]["frames"]
+        assert frame["label"] == "epoch 0" and frame["images"][0]["src"].startswith(f"{section}/epoch_000_")
+    assert context["activations"]["heatmap"]["src"] == "activations/epoch_000_activation_heatmap.png"
+    html = wm.build_report().read_text()
+    assert 'id="activations"' in html and 'id="updates"' in html
+    assert "activations/epoch_000_activations.csv" in html and "Other files" not in html

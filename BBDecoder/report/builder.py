@@ -22,11 +22,13 @@ from typing import Any
 from .._version import __version__
 from ..errors import BBDecoderTypeError, SavePathError
 from ..output.schema import (
+    ActivationEpochReport,
     CostRow,
     GradientEpochReport,
     ManifestEntry,
     RunRecord,
     SchemaError,
+    UpdateEpochReport,
     manifest_entries,
     row_from_csv,
 )
@@ -36,7 +38,20 @@ REPORT_NAME = "report.html"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
 _VIDEO_TYPES = {".webm": "video/webm", ".mp4": "video/mp4"}
 _DATA_SUFFIXES = {".csv", ".json", ".npy", ".npz", ".gv", ".txt"}
-_KNOWN_SECTIONS = ("architecture", "gradients", "weights", "similarity", "features", "video", "gradcam", "costs")
+_KNOWN_SECTIONS = (
+    "architecture",
+    "gradients",
+    "activations",
+    "updates",
+    "weights",
+    "similarity",
+    "features",
+    "video",
+    "gradcam",
+    "costs",
+)
+_EPOCH_REPORTS = {"gradients": GradientEpochReport, "activations": ActivationEpochReport, "updates": UpdateEpochReport}
+"""The record each section's ``alerts`` JSON holds."""
 _COST_COLUMNS = {
     "forward_flops": "Fwd FLOPs",
     "backward_flops": "Bwd FLOPs",
@@ -135,6 +150,10 @@ def collect(store: Store) -> dict[str, Any]:
     sections = {
         "architecture": _architecture(by_section.get("architecture", [])),
         "gradients": _gradients(store.root, by_section.get("gradients", [])),
+        "activations": _health(
+            by_section.get("activations", []), "Activation health (std, max |a|, zero, dead and saturated fractions)"
+        ),
+        "updates": _health(by_section.get("updates", []), "Update-to-weight ratio ‖Δw‖/‖w‖ per layer"),
         "weights": _weights(by_section.get("weights", [])),
         "similarity": _similarity(by_section.get("similarity", [])),
         "features": _features(by_section.get("features", []), by_section.get("video", [])),
@@ -150,6 +169,8 @@ def collect(store: Store) -> dict[str, Any]:
         ("summary", "Layers", len(layers)),
         ("architecture", "Architecture", int(sections["architecture"]["present"])),
         ("gradients", "Gradients", len(sections["gradients"]["frames"])),
+        ("activations", "Activations", len(sections["activations"]["frames"])),
+        ("updates", "Update ratio", len(sections["updates"]["frames"])),
         ("weights", "Weights", len(sections["weights"]["layers"])),
         ("similarity", "Similarity", len(sections["similarity"]["frames"])),
         ("features", "Features", len(sections["features"]["layers"])),
@@ -377,6 +398,22 @@ def _gradients(root: Path, entries: list[Entry]) -> dict[str, Any]:
     }
 
 
+def _health(entries: list[Entry], caption: str) -> dict[str, Any]:
+    """Activation health or update ratios: each epoch's figure pages behind a slider, the latest heatmap."""
+    frames: list[Frame] = []
+    pictures = [e for e in _of_kind(entries, "figure") if _is_image(e)]
+    for epoch, group in _group(pictures, lambda e: e.get("epoch")).items():
+        images = [_image(e, f"{caption}, epoch {_label(epoch)}") for e in _latest_per_name(group)]
+        frames.append({"label": f"epoch {_label(epoch)}", "images": images})
+    heatmap = _latest([e for e in _of_kind(entries, "heatmap") if _is_image(e)])
+    return {
+        "present": bool(entries),
+        "frames": frames,
+        "heatmap": _image(heatmap, "Dead and saturated fractions per layer across all epochs") if heatmap else None,
+        "data": _data_files(entries),
+    }
+
+
 def _flow_table(root: Path, entry: Entry | None) -> dict[str, Any] | None:
     """The per-tensor rows behind a grouped flow chart, from the epoch's ``alerts.json``.
 
@@ -436,8 +473,9 @@ def _alerts(root: Path, entries: list[Entry]) -> list[dict[str, Any]]:
     for entry in _of_kind(entries, "alerts"):
         if entry.suffix != ".json":
             continue
+        record = _EPOCH_REPORTS.get(entry.section, GradientEpochReport)
         try:
-            report = GradientEpochReport.from_json(_read_json(root / entry.path))
+            report = record.from_json(_read_json(root / entry.path))
         except SchemaError:
             continue
         items = [
@@ -452,7 +490,7 @@ def _alerts(root: Path, entries: list[Entry]) -> list[dict[str, Any]]:
             }
             for a in report.alerts
         ]
-        if report.skipped_iterations:
+        if getattr(report, "skipped_iterations", None):
             steps = report.skipped_iterations
             shown = ", ".join(map(str, steps[:12])) + (" …" if len(steps) > 12 else "")
             items.append(
