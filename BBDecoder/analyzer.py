@@ -65,6 +65,10 @@ class Master_analyzer(
         include_bias: also record gradient statistics of biases.
         vanish_threshold: mean |grad| below this is reported as vanishing.
         explode_threshold: mean |grad| above this is reported as exploding.
+        dead_threshold: activation health: a layer with at least this fraction of dead units
+            at an epoch's last recorded pass is reported (default 0.5).
+        saturated_threshold: activation health: a bounded layer whose saturated fraction
+            averages at least this over an epoch is reported (default 0.25).
         tensorboard_dir: also log to TensorBoard in this folder (needs ``tensorboard``).
 
     Raises:
@@ -86,6 +90,8 @@ class Master_analyzer(
         include_bias: bool = False,
         vanish_threshold: float = 1e-8,
         explode_threshold: float = 1e3,
+        dead_threshold: float = 0.5,
+        saturated_threshold: float = 0.25,
         tensorboard_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -108,7 +114,7 @@ class Master_analyzer(
             vanish_threshold=vanish_threshold,
             explode_threshold=explode_threshold,
         )
-        self._init_activations()
+        self._init_activations(dead_threshold=dead_threshold, saturated_threshold=saturated_threshold)
         self._init_updates()
         self._init_weights()
         self.events = Events()

@@ -361,15 +361,33 @@ class ActivationMixin(AnalyzerBase):
             alerts (default 0.25).
     """
 
-    dead_threshold: float
-    saturated_threshold: float
+    _dead_threshold: float
+    _saturated_threshold: float
 
     def _init_activations(
         self, *, dead_threshold: float = DEAD_THRESHOLD, saturated_threshold: float = SATURATED_THRESHOLD
     ) -> None:
-        self.dead_threshold = _check_fraction(dead_threshold, "dead_threshold")
-        self.saturated_threshold = _check_fraction(saturated_threshold, "saturated_threshold")
+        self.dead_threshold = dead_threshold
+        self.saturated_threshold = saturated_threshold
         self._acts = _ActivationState(_Recorder(len(self.layers)))
+
+    @property
+    def dead_threshold(self) -> float:
+        """``dead_frac`` from which a layer alerts (a fraction in [0, 1]; checked when set)."""
+        return self._dead_threshold
+
+    @dead_threshold.setter
+    def dead_threshold(self, value: float) -> None:
+        self._dead_threshold = _check_fraction(value, "dead_threshold")
+
+    @property
+    def saturated_threshold(self) -> float:
+        """Epoch-average ``saturated_frac`` from which a bounded layer alerts (in [0, 1]; checked when set)."""
+        return self._saturated_threshold
+
+    @saturated_threshold.setter
+    def saturated_threshold(self, value: float) -> None:
+        self._saturated_threshold = _check_fraction(value, "saturated_threshold")
 
     # ------------------------------------------------------------- recording
     def _forward_with_activations(
