@@ -458,7 +458,9 @@ def test_a_failed_activation_write_keeps_the_epoch_and_the_gradient_report(
 def test_thresholds_are_constructor_arguments_checked_when_set(tmp_path: Path) -> None:
     wm = Master_analyzer(MLP(), tmp_path, verbose=False, dead_threshold=0.9, saturated_threshold=0.1)
     assert (wm.dead_threshold, wm.saturated_threshold) == (0.9, 0.1)
-    with pytest.raises(BBDecoderValueError, match=r"saturated_threshold must lie in \(0, 1\], got saturated_threshold=2"):
+    with pytest.raises(
+        BBDecoderValueError, match=r"saturated_threshold must lie in \(0, 1\], got saturated_threshold=2"
+    ):
         wm.saturated_threshold = 2
     with pytest.raises(BBDecoderTypeError, match="dead_threshold must be a number"):
         Master_analyzer(MLP(), tmp_path / "b", verbose=False, dead_threshold="half")

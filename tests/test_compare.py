@@ -142,3 +142,32 @@ def test_the_demo_catches_its_broken_twin(tmp_path: Path) -> None:
     assert result.comparison is not None and result.comparison.is_file()
     html = result.comparison.read_text(encoding="utf-8")
     assert "Dead units" in html and "broken twin" in html
+
+
+def test_a_run_resumed_in_a_new_process_reads_as_one_run(tmp_path: Path) -> None:
+    """Each process counts from 0: the second epoch is placed after the first, not on top of it."""
+    from BBDecoder.report.compare import activation_curves
+
+    write_run(tmp_path / "run", 0.05, epochs=1, weights=False)  # epoch 0, then a new analyzer writes epoch 1
+    torch.manual_seed(1)
+    model = net()
+    wm = Master_analyzer(model, tmp_path / "run", verbose=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    wm.watch_optimizer(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(12):
+            loss = F.cross_entropy(wm(torch.randn(8, 6), collect_acts=3), torch.randint(0, 3, (8,)))
+            optimizer.zero_grad()
+            wm.backward_propagation(loss, collect_grads=True)
+            optimizer.step()
+        wm.save_collected_grads(1)
+    wm.close()
+    run = load_run(tmp_path / "run")
+    assert sorted({r.iteration for r in run.gradients if r.epoch == 1}) == list(range(12))  # restarted at 0
+    x, _ = gradient_curves(run.gradients)["0"]
+    assert list(x) == list(range(24))  # 12 + 12 points, one after the other
+    x, _ = update_curves(run.updates)["0"]
+    assert list(x) == list(range(24))
+    x, _ = activation_curves(run.activations, "dead_frac")["1"]
+    assert list(x) == [0, 3, 6, 9, 10, 13, 16, 19]  # passes 0, 3, 6, 9 of each process

@@ -223,22 +223,23 @@ def _read_weights(
 # ---------------------------------------------------------------------- curves
 def gradient_curves(rows: Sequence[GradientRow]) -> dict[LayerKey, tuple[np.ndarray, np.ndarray]]:
     """Per layer name: iterations and the layer's gradient L2 norm (root of its tensors' summed squares)."""
-    sums: dict[LayerKey, dict[int, float]] = {}
+    sums: dict[LayerKey, dict[tuple[int, int], float]] = {}
     for row in rows:
         if math.isnan(row.l2):
             continue
         per = sums.setdefault(row.layer_name, {})
-        per[row.iteration] = per.get(row.iteration, 0.0) + row.l2**2
+        key = (row.epoch, row.iteration)
+        per[key] = per.get(key, 0.0) + row.l2**2
     return {name: _xy({k: math.sqrt(v) for k, v in per.items()}) for name, per in sums.items()}
 
 
 def update_curves(rows: Sequence[UpdateRow]) -> dict[LayerKey, tuple[np.ndarray, np.ndarray]]:
     """Per layer name: steps and the layer's ‖Δw‖/‖w‖ (its tensors together)."""
-    sums: dict[LayerKey, dict[int, list[float]]] = {}
+    sums: dict[LayerKey, dict[tuple[int, int], list[float]]] = {}
     for row in rows:
         if math.isnan(row.update_norm) or math.isnan(row.weight_norm):
             continue
-        cell = sums.setdefault(row.layer_name, {}).setdefault(row.step, [0.0, 0.0])
+        cell = sums.setdefault(row.layer_name, {}).setdefault((row.epoch, row.step), [0.0, 0.0])
         cell[0] += row.update_norm**2
         cell[1] += row.weight_norm**2
     out = {}
@@ -249,15 +250,28 @@ def update_curves(rows: Sequence[UpdateRow]) -> dict[LayerKey, tuple[np.ndarray,
 
 def activation_curves(rows: Sequence[ActivationRow], stat: str) -> dict[LayerKey, tuple[np.ndarray, np.ndarray]]:
     """Per layer name: iterations and one activation statistic (``"dead_frac"``, ``"saturated_frac"``…)."""
-    per: dict[LayerKey, dict[int, float]] = {}
+    per: dict[LayerKey, dict[tuple[int, int], float]] = {}
     for row in rows:
-        per.setdefault(row.layer_name, {})[row.iteration] = float(getattr(row, stat))
+        per.setdefault(row.layer_name, {})[(row.epoch, row.iteration)] = float(getattr(row, stat))
     return {name: _xy(values) for name, values in per.items()}
 
 
-def _xy(values: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
-    keys = sorted(values)
-    return np.asarray(keys, dtype=np.float64), np.asarray([values[k] for k in keys], dtype=np.float64)
+def _xy(values: dict[tuple[int, int], float]) -> tuple[np.ndarray, np.ndarray]:
+    """``{(epoch, iteration): value}`` as a curve over the run, in epoch order.
+
+    An epoch written by a later process counts its iterations from 0 again; such an epoch is
+    placed right after the one before it, so a resumed run reads as one run (the curve's x is
+    the iteration where the numbering continued, shifted where it restarted).
+    """
+    xs: list[float] = []
+    current, offset, last = None, 0, -1
+    for epoch, iteration in sorted(values):
+        if epoch != current:
+            current = epoch
+            offset = max(0, last + 1 - iteration)
+        last = iteration + offset
+        xs.append(float(last))
+    return np.asarray(xs, dtype=np.float64), np.asarray([values[k] for k in sorted(values)], dtype=np.float64)
 
 
 # ---------------------------------------------------------------------- sections
