@@ -217,9 +217,9 @@ class Master_analyzer(
                         row[key] = by_id[row["id"]][key]
                 columns += ["forward_flops", "forward_ms", "activation_bytes"]
         table = format_table(rows, title=self._title(), totals=self._totals(), columns=columns)
-        if table != self._printed_table:  # the table printed at construction is not printed again
+        if self.verbose and table != self._printed_table:  # the table printed at construction is not printed again
             self._say(table)
-            self._printed_table = table
+            self._printed_table = table if self.is_main_process else ""
         return rows
 
     def _title(self) -> str:

@@ -158,6 +158,11 @@ def test_summary_printed_once_at_construction_only_when_verbose(
     assert capsys.readouterr().out == "" and len(rows) == len(wm.layers)
     wm.summary(costs=True)  # a different table (measured columns) is printed
     assert "Fwd FLOPs" in capsys.readouterr().out
+    quiet = Master_analyzer(SmallCNN(), tmp_path / "c", [1, 3, 8, 8], verbose=False)
+    quiet.summary()  # printed nothing, so nothing counts as printed
+    quiet.verbose = True
+    quiet.summary()
+    assert capsys.readouterr().out.count("Total params") == 1
     Master_analyzer(SmallCNN(), tmp_path / "b", [1, 3, 8, 8], verbose=False)
     assert capsys.readouterr().out == ""
 

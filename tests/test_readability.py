@@ -364,6 +364,37 @@ def test_a_cut_png_matches_matplotlibs_tight_box() -> None:
         assert ours.shape == theirs.shape and (ours != theirs).mean() < 0.01, spill
 
 
+def test_a_cut_png_keeps_what_a_save_draws() -> None:
+    """Animated artists, a transparent save and a figure frame come out as matplotlib's savefig makes them."""
+    import matplotlib as mpl
+
+    from BBDecoder.plots import new_figure
+
+    def drawn(frame: bool = False) -> Figure:
+        figure = new_figure(3.0, 2.0, layout=None)
+        if frame:
+            figure.set_linewidth(3)
+            figure.set_edgecolor("red")
+        ax = figure.add_axes((0.2, 0.2, 0.6, 0.6))
+        ax.plot([0, 1], [0, 1], color="k", linewidth=6, animated=True)
+        return figure
+
+    def pixels(figure: Figure, saver: Any) -> np.ndarray:
+        buffer = io.BytesIO()
+        saver(figure, buffer, format="png", dpi=STORE_DPI, bbox_inches="tight")
+        return np.asarray(Image.open(buffer).convert("RGBA"))
+
+    for frame, rc in ((False, {}), (False, {"savefig.transparent": True}), (True, {})):
+        with mpl.rc_context(rc):
+            ours = pixels(drawn(frame), lambda f, *a, **k: f.savefig(*a, **k))
+            theirs = pixels(drawn(frame), lambda f, *a, **k: Figure.savefig(f, *a, **k))
+        dark = lambda a: int((a[..., :3].max(axis=2) < 60).sum())  # noqa: E731
+        assert dark(ours) == pytest.approx(dark(theirs), rel=0.05), (frame, rc)  # the animated line is there
+        assert int((ours[..., 3] == 0).sum()) == pytest.approx(int((theirs[..., 3] == 0).sum()), rel=0.05)
+        red = lambda a: int(((a[..., 0] > 200) & (a[..., 1] < 60)).sum())  # noqa: E731
+        assert red(ours) == pytest.approx(red(theirs), rel=0.05, abs=5), (frame, rc)
+
+
 def inked(dark: np.ndarray) -> np.ndarray:
     rows, columns = np.flatnonzero(dark.any(axis=1)), np.flatnonzero(dark.any(axis=0))
     return dark[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
@@ -443,3 +474,33 @@ def test_a_container_that_never_runs_reports_its_children(tmp_path: Path) -> Non
     assert sum(r["forward_flops"] for r in top) == totals["forward"]
     assert sum(r["backward_flops"] for r in top) == totals["backward"]
     assert rows["transformer.drop"]["backward_flops"] == 0 and rows["transformer.wte"]["backward_flops"] == 0
+
+
+def test_tied_names_with_spaces_round_trip_and_containers_say_so(tmp_path: Path) -> None:
+    params = [histogram(f"unit{i}.weight", np.linspace(-1, 1, 32)) for i in range(20)]
+    params[0].tied = ("d.my emb.weight", "head\nx.weight")  # ModuleDict keys may hold spaces and newlines
+    layer = LayerHistograms(3, "block", "Sequential", 1, params)
+    np.savez(tmp_path / "h.npz", **histogram_arrays(layer))
+    assert load_histograms(tmp_path / "h.npz").params[0].tied == ("d.my emb.weight", "head\nx.weight")
+    figure = weight_plots.weight_summary_figure(layer)  # 20 tensors: the container summary
+    assert any(t.get_text().startswith("tied: unit0.weight = d.my emb.weight") for t in figure.texts)
+    assert "nothing flagged" in " ".join(t.get_text() for t in figure.texts)
+    check(figure)
+
+
+def test_a_module_shared_by_two_containers_counts_once(tmp_path: Path) -> None:
+    """A never-called ModuleDict holding one Linear twice: its FLOPs, bytes and time are that Linear's, once."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            linear = nn.Linear(32, 32)
+            self.c = nn.ModuleDict({"x": nn.ModuleList([linear]), "y": nn.ModuleList([linear])})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c["x"][0](x)
+
+    rows, totals = costs(Shared(), torch.randn(4, 32), tmp_path)
+    assert rows["c"]["forward_flops"] == totals["forward"] == 2 * 4 * 32 * 32
+    assert rows["c"]["backward_flops"] == totals["backward"]
+    assert rows["c"]["activation_bytes"] == 4 * 32 * 4

@@ -432,10 +432,10 @@ class _FlopLedger:
 
     # ------------------------------------------------------------ results
     def forward_of(self, module: nn.Module) -> int:
-        """Forward FLOPs of ``module``'s calls; for a module never called, the sum over its children."""
+        """Forward FLOPs of ``module``'s calls; for a module never called, those of its stand-ins (each once)."""
         if module in self.ran:
             return int(self.forward_flops[module])
-        return int(sum(self.forward_of(child) for child in dict.fromkeys(module.children())))
+        return int(sum(self.forward_flops[inner] for inner in _stand_ins(module, self.ran)))
 
     def backward_of(self, module: nn.Module) -> int:
         """Backward FLOPs of the nodes created by ``module`` or any module inside it."""

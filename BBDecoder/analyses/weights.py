@@ -9,6 +9,7 @@ every selected layer are then moved to the host in one copy per device. A bin ho
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -353,7 +354,7 @@ def histogram_arrays(layer: LayerHistograms) -> dict[str, np.ndarray]:
         "layer_type": np.asarray(layer.layer_type),
         "param_names": np.asarray([p.name for p in params], dtype=str),
         "shapes": np.asarray(["x".join(map(str, p.shape)) for p in params], dtype=str),
-        "tied": np.asarray([" ".join(p.tied) for p in params], dtype=str),
+        "tied": np.asarray([json.dumps(list(p.tied)) for p in params], dtype=str),  # names may hold spaces
         "edges": np.stack([p.edges for p in params]),
         "counts": np.stack([p.counts for p in params]),
         **{
@@ -380,7 +381,7 @@ def load_histograms(path: str | os.PathLike[str]) -> LayerHistograms:
         layer = LayerHistograms(
             int(data["layer_id"]), str(data["layer_name"]), str(data["layer_type"]), int(data["call"])
         )
-        tied = data["tied"].tolist() if "tied" in data else [""] * len(data["param_names"])  # not before 0.2
+        tied = data["tied"].tolist() if "tied" in data else ["[]"] * len(data["param_names"])  # not before 0.2
         for i, name in enumerate(data["param_names"].tolist()):
             shape = tuple(int(d) for d in str(data["shapes"][i]).split("x") if d)
             layer.params.append(
@@ -399,7 +400,7 @@ def load_histograms(path: str | os.PathLike[str]) -> LayerHistograms:
                     sum_squares=float(data["sum_squares"][i]),
                     zeros_fraction=float(data["zeros_fraction"][i]),
                     saturation_fraction=float(data["saturation_fraction"][i]),
-                    tied=tuple(str(tied[i]).split()),
+                    tied=tuple(json.loads(str(tied[i]))),
                 )
             )
     return layer

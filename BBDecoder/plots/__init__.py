@@ -44,9 +44,10 @@ class PlotFigure(Figure):
     most of these are) and saved as PNG is instead drawn once on its own canvas; its tight
     box is then measured with that canvas's renderer (every text already laid out, so about
     a fifth of a drawing), padded by ``pad_inches``, and cut out of the pixels. Where the box
-    reaches beyond the canvas (an artist placed outside the figure), or for any other format
-    or layout, it falls back to ``Figure.savefig`` unchanged: the picture is the same either
-    way, to the rounding of the box's edges.
+    reaches beyond the canvas (an artist placed outside the figure), for a figure with a frame
+    or figure-level images, under ``savefig.facecolor``/``edgecolor``/``transparent`` settings,
+    or for any other format or layout, it falls back to ``Figure.savefig`` unchanged: the
+    picture is the same either way, to the rounding of the box's edges.
     """
 
     def savefig(self, fname: Any, *args: Any, **kwargs: Any) -> None:
@@ -56,10 +57,23 @@ class PlotFigure(Figure):
             and self.get_layout_engine() is None
             and not args
             and set(kwargs) <= {"bbox_inches", "format", "dpi", "pad_inches"}
+            and self._plain_enough()
             and self._save_cropped(fname, kwargs.get("dpi"), kwargs.get("pad_inches"))
         ):
             return
         super().savefig(fname, *args, **kwargs)
+
+    def _plain_enough(self) -> bool:
+        """No saving option a single drawing would miss: a frame, figure images, savefig colours or transparency."""
+        import matplotlib as mpl
+
+        rc = mpl.rcParams
+        return (
+            not self.images
+            and self.get_linewidth() == 0
+            and not rc["savefig.transparent"]
+            and all(str(rc[key]) == "auto" for key in ("savefig.facecolor", "savefig.edgecolor"))
+        )
 
     def _save_cropped(self, fname: Any, dpi: Any, pad: Any) -> bool:
         """Draw once, cut out the tight box, write PNG; ``False`` (nothing written) where the box leaves the canvas."""
@@ -73,8 +87,9 @@ class PlotFigure(Figure):
         pad = mpl.rcParams["savefig.pad_inches"] if pad in (None, "layout") else float(pad)
         original, canvas = self.dpi, self.canvas
         try:
+            ours = FigureCanvasAgg(self)  # first: a window behind the old canvas is not resized to the save dpi
             self.dpi = dpi
-            ours = FigureCanvasAgg(self)
+            ours._is_saving = True  # a throwaway canvas, saving as savefig does: animated artists are drawn too
             ours.draw()
             box = self.get_tightbbox(ours.get_renderer())  # inches
             pixels = np.asarray(ours.buffer_rgba())

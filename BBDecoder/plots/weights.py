@@ -302,10 +302,16 @@ def weight_summary_figure(layer: LayerHistograms) -> Figure:
     state = (
         f"flagged (red): {len(flagged)} tensor(s)"
         if flagged
-        else "nothing flagged: no saturation, no tensor with ≥ 50% zeros, no NaN/Inf"
+        else "nothing flagged: no saturation, no tensor ≥ 50% zeros beside other values, no NaN/Inf"
     )
+    tied = [p for p in params if p.tied]
+    if tied:  # one tensor under several names: computed once, said once here
+        named = ", ".join(f"{printable(p.name)} = {', '.join(map(printable, p.tied))}" for p in tied[:4])
+        tied_line = shorten(f"tied: {named}" + (f" … and {len(tied) - 4} more" if len(tied) > 4 else ""), 150)
+    else:
+        tied_line = ""
     key = "each column a tensor, in model order; line = min to max, bar = μ ± σ, dot = μ; numbers in the .npz"
-    header_in = 0.92 + 0.13 * len(lines)  # title, key, the flagged lines (7.5 pt)
+    header_in = 0.92 + 0.13 * (len(lines) + bool(tied_line))  # title, key, the flagged lines and ties (7.5 pt)
     panel_in, gap_in, label_in = 1.55, 0.32, 1.05
     height = header_in + len(kinds) * (panel_in + gap_in) + label_in
     figure = new_figure(10.6, height, layout=None)
@@ -314,6 +320,8 @@ def weight_summary_figure(layer: LayerHistograms) -> Figure:
     figure.text(0.01, 1 - 0.3 / height, f"{state} · {key}", fontsize=8, va="top", color=_FLAGGED if flagged else "0.3")
     if lines:
         figure.text(0.03, 1 - 0.52 / height, "\n".join(lines), fontsize=7.5, va="top", color=_FLAGGED)
+    if tied_line:
+        figure.text(0.03, 1 - (0.52 + 0.13 * len(lines)) / height, tied_line, fontsize=7.5, va="top", color="0.3")
     position = {id(p): i for i, p in enumerate(params)}
     centres, labels, boundaries = _group_ticks([p.name for p in params], prefix=layer.layer_name)
     first: Axes | None = None
@@ -335,9 +343,9 @@ def _column_names(ax: Axes, centres: Sequence[float], labels: Sequence[str]) -> 
     """Group names under ``ax`` as plain texts (a tick costs a line, a grid line and a copy of its style).
 
     Numbered groups with one name (``denselayer1`` … ``denselayer24``) show their numbers,
-    level, with the shared name once below them; names that fit between their neighbours
-    stay level; others are turned upright (a rotated text also costs some four times as much
-    to draw).
+    level, with the shared name once below them, where the numbers fit between their
+    neighbours; other names stay level where they fit, else are turned upright and thinned
+    (a rotated text also costs some four times as much to draw).
     """
     if not labels:
         return
@@ -348,12 +356,17 @@ def _column_names(ax: Axes, centres: Sequence[float], labels: Sequence[str]) -> 
             (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), min(len(first), len(last))
         )
         shared = first[:size].rstrip("0123456789")
-    numbered = bool(shared) and all(label[len(shared) :].isdigit() for label in labels)
-    shown = [label[len(shared) :] for label in labels] if numbered else list(labels)
     low, high = ax.get_xlim()
     width_in = ax.get_position().width * ax.get_figure().get_figwidth()
     spacing_in = width_in * (float(np.min(np.diff(centres))) if len(centres) > 1 else high - low) / (high - low)
-    level = max(len(text) for text in shown) * _CHAR_IN <= 0.85 * spacing_in
+
+    def fits(texts: Sequence[str]) -> bool:
+        return max(len(text) for text in texts) * _CHAR_IN <= 0.85 * spacing_in
+
+    numbered = bool(shared) and all(label[len(shared) :].isdigit() for label in labels)
+    numbered = numbered and fits([label[len(shared) :] for label in labels])  # a bare number only where it reads level
+    shown = [label[len(shared) :] for label in labels] if numbered else list(labels)
+    level = fits(shown)
     below = ax.get_xaxis_transform()
     inches_per_column = width_in / (high - low)
     last = -math.inf
@@ -363,19 +376,17 @@ def _column_names(ax: Axes, centres: Sequence[float], labels: Sequence[str]) -> 
         last = centre
         ax.text(centre, -0.04, text, transform=below, rotation=0 if level else 90, ha="center", va="top", fontsize=7)
     if numbered:
-        caption = f"{shared.rstrip('.')} (number)" if level else ""
-        if caption:
-            ax.annotate(
-                caption,
-                (0.5, 0),
-                xycoords="axes fraction",
-                xytext=(0, -16),
-                textcoords="offset points",
-                ha="center",
-                va="top",
-                fontsize=7,
-                color="0.3",
-            )
+        ax.annotate(
+            f"{shared.rstrip('.')} (number)",
+            (0.5, 0),
+            xycoords="axes fraction",
+            xytext=(0, -16),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            fontsize=7,
+            color="0.3",
+        )
 
 
 _CHAR_IN = 7 * 0.62 / 72

@@ -420,8 +420,8 @@ def _flow_table(root: Path, entry: Entry | None) -> dict[str, Any] | None:
     ``None`` when the epoch's chart shows every tensor itself (at most
     :data:`~BBDecoder.plots.gradients.FLOW_PAGE`) or the file cannot be read. Rows are
     ``[label, mean_abs, max_abs, status, note]`` (``None`` for a non-finite number); the
-    bars share one log axis from the decade below the smallest positive value to the
-    decade above the largest.
+    bars share one log axis from a decade at least 0.3 below the smallest positive value to
+    the decade above the largest.
     """
     from ..plots.gradients import FLOW_PAGE
 
@@ -439,7 +439,7 @@ def _flow_table(root: Path, entry: Entry | None) -> dict[str, Any] | None:
 
     rows = [[t.label, number(t.mean_abs), number(t.max_abs), t.status, t.note] for t in report.summary]
     positive = [v for row in rows for v in row[1:3] if v is not None and v > 0]
-    low = math.floor(math.log10(min(positive))) if positive else -8
+    low = math.floor(math.log10(min(positive)) - 0.3) if positive else -8  # the smallest bar stays visible
     high = math.ceil(math.log10(max(positive))) if positive else 0
     return {"rows": rows, "low": low, "high": max(high, low + 1)}
 
