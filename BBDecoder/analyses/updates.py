@@ -21,7 +21,10 @@ ratio over the epoch's steps and ``z = log10 r``. With ``m`` the median of ``z``
 layers and ``s = 1.4826 × median |z - m|`` (a robust standard deviation, in decades), a
 layer is *far* when ``|z - m| > max(min_far_decades, 3 s)`` (default ``min_far_decades``:
 1, a factor of 10; needs at least three updated layers). Far below: ``update_small``
-("frozen in effect"); far above: ``update_large`` ("about to diverge"). Absolute limits
+("frozen in effect"); far above: ``update_large`` ("about to diverge"). A layer within the
+healthy band ``[healthy_low, healthy_high]`` (default 1e-4 to 1e-2, a decade either side
+of the 1e-3 rule of thumb) is never far: a LayerNorm γ ≈ 1 moving 1e-3 a step under Adam
+is fine even when the embeddings around it move 1e-2. Absolute limits
 apply whatever the other layers do: ``r`` above ``large_ratio`` (default 0.1: a tenth of
 the weight per step) is ``update_large``, ``r`` below ``small_ratio`` (default 1e-7, at
 float32 rounding of the weights) or exactly 0 is ``update_small``.
@@ -65,6 +68,8 @@ SMALL_RATIO = 1e-7
 """Default ``small_ratio``: a median ratio below this is ``update_small`` whatever the other layers do."""
 LARGE_RATIO = 0.1
 """Default ``large_ratio``: a median ratio above this is ``update_large`` whatever the other layers do."""
+HEALTHY_BAND = (1e-4, 1e-2)
+"""Default ``(healthy_low, healthy_high)``: a median ratio in this band is never "far" from the other layers."""
 MAD_SCALE = 1.4826
 """Median absolute deviation × this estimates a standard deviation (exact for a normal distribution)."""
 _ROW_CAPACITY = 64
@@ -347,6 +352,8 @@ class UpdateRule:
     min_far_decades: float = MIN_FAR_DECADES
     small_ratio: float = SMALL_RATIO
     large_ratio: float = LARGE_RATIO
+    healthy_low: float = HEALTHY_BAND[0]
+    healthy_high: float = HEALTHY_BAND[1]
 
 
 @dataclass
@@ -591,8 +598,9 @@ def update_summary(data: UpdateEpoch, rule: UpdateRule) -> tuple[list[UpdateSumm
             distance, status = -math.inf, "small"
         else:
             distance = math.log10(median) - center if math.isfinite(median) and not math.isnan(center) else math.nan
-            too_large = median > rule.large_ratio or (not math.isnan(distance) and distance > far)
-            too_small = median < rule.small_ratio or (not math.isnan(distance) and distance < -far)
+            healthy = rule.healthy_low <= median <= rule.healthy_high  # never "far" from the others
+            too_large = median > rule.large_ratio or (not healthy and not math.isnan(distance) and distance > far)
+            too_small = median < rule.small_ratio or (not healthy and not math.isnan(distance) and distance < -far)
             status = "large" if too_large else "small" if too_small else "ok"
         summary.append(UpdateSummary(key[0], key[1], tensors, steps[key], median, distance, status))
     return summary, center, spread, far
