@@ -191,7 +191,8 @@ class Master_analyzer(
         :meth:`forward_propagation`.
 
         Args:
-            costs: also add the columns of :meth:`layer_costs` (one extra measured pass).
+            costs: also add the columns of :meth:`layer_costs`: those of its latest call, or,
+                before any, of one measured pass on the ``input_size``/first-call batch.
         """
         costs = checks.flag(costs, "costs")
         if not self._output_shapes and not self._shapes_failed:
@@ -209,9 +210,11 @@ class Master_analyzer(
         ]
         columns = ["id", "name", "type", "output_shape", "params", "trainable_params"]
         if costs:
-            example = self._example()
-            if example is not None:
-                by_id = {row["id"]: row for row in self._measure_costs(example)}
+            measured = self._last_costs  # what layer_costs measured last, on the batch it was given
+            if measured is None and (example := self._example()) is not None:
+                measured = self._measure_costs(example)
+            if measured is not None:
+                by_id = {row["id"]: row for row in measured}
                 for row in rows:
                     for key in ("forward_flops", "backward_flops", "forward_ms", "activation_bytes"):
                         row[key] = by_id[row["id"]][key]

@@ -92,25 +92,20 @@ def draw_architecture(
     The graph is drawn at its natural size (torchview would shrink a big one to fit 12 to
     40 inches, leaving ResNet-50's text 7 px tall): the SVG at full size, the PNG at
     :data:`PNG_DPI` unless its long side would pass :data:`PNG_MAX_PX`. Every call is
-    numbered in the manifest (``call``); a second call writes ``architecture-1.*`` (the
-    store never replaces a file) and the report shows the newest call only.
-    Never raises: a failure is a warning, so it cannot block wrapping.
+    numbered in the manifest (``call``); a second call writes the next number
+    (``architecture_002.*``) and the report shows the newest call only. Where torchview
+    fails at the analyzer's depth (it raises ``KeyError`` on GPT-2 below depth 1), the
+    graph is drawn at the deepest depth it can, with a warning. Never raises: a failure
+    is a warning, so it cannot block wrapping.
     """
     try:
-        from torchview import draw_graph
-
-        with _labels_with_ids(layers), eval_mode(model):
-            args, kwargs = example  # the model's (args, kwargs)
-            extra = kwargs if args else {}  # torchview passes a dict input_data as the keyword inputs
-            graph = draw_graph(
-                model,
-                input_data=list(args) if args else dict(kwargs),
-                **extra,
-                depth=layers.depth,
-                expand_nested=True,
-                graph_name="architecture",
-                device=next((p.device for p in model.parameters()), "cpu"),
-                mode="eval",
+        graph, drawn_depth, failure = _trace(model, example, layers)
+        if drawn_depth != layers.depth:
+            warnings.warn(
+                f"torchview could not draw the architecture at depth {layers.depth} ({failure}); it is drawn at "
+                f"depth {drawn_depth} instead: deeper layers sit inside their parents' boxes",
+                BBDecoderWarning,
+                stacklevel=3,
             )
         visual = graph.visual_graph
         visual.graph_attr.pop("size", None)
@@ -141,6 +136,43 @@ def draw_architecture(
     if not dot_available():
         _warn_missing_dot()
     return [p for p in written if p is not None]
+
+
+def _trace(
+    model: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], layers: LayerTable
+) -> tuple[Any, int, str]:
+    """torchview's graph at the layers' depth, else at the deepest smaller depth that works.
+
+    Returns:
+        ``(graph, depth drawn, the first failure as text, "" when none)``.
+
+    Raises:
+        Exception: what torchview raised at depth 1 (or at the layers' depth, if that is 1).
+    """
+    from torchview import draw_graph
+
+    args, kwargs = example  # the model's (args, kwargs)
+    extra = kwargs if args else {}  # torchview passes a dict input_data as the keyword inputs
+    failure = ""
+    for depth in range(layers.depth, 0, -1):
+        try:
+            with _labels_with_ids(layers), eval_mode(model):
+                graph = draw_graph(
+                    model,
+                    input_data=list(args) if args else dict(kwargs),
+                    **extra,
+                    depth=depth,
+                    expand_nested=True,
+                    graph_name="architecture",
+                    device=next((p.device for p in model.parameters()), "cpu"),
+                    mode="eval",
+                )
+            return graph, depth, failure
+        except Exception as error:  # torchview's own failure at this depth: try a shallower drawing
+            if depth == 1:
+                raise
+            failure = failure or f"{type(error).__name__}: {error}"
+    raise AssertionError("unreachable: depth 1 returns or raises")
 
 
 def png_dpi(svg: bytes) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -179,6 +180,29 @@ def test_architecture_graph_has_layer_ids(tmp_path: Path) -> None:
     for layer in wm.layers:
         if layer.name != "layer1":  # containers are drawn as clusters, their children labelled
             assert f"#{layer.id}" in svg, layer.name
+
+
+def test_architecture_falls_back_to_a_depth_torchview_can_draw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchview raises KeyError on GPT-2 below depth 1: the graph is drawn shallower, with a warning saying so."""
+    import torchview
+
+    real = torchview.draw_graph
+    depths: list[int] = []
+
+    def picky(*args: Any, depth: int, **kwargs: Any) -> Any:
+        depths.append(depth)
+        if depth > 1:
+            raise KeyError("140509755406928")
+        return real(*args, depth=depth, **kwargs)
+
+    monkeypatch.setattr(torchview, "draw_graph", picky)
+    with pytest.warns(
+        BBDecoder.BBDecoderWarning, match=r"at depth 2 \(KeyError: '140509755406928'\); it is drawn at depth 1"
+    ):
+        wm = Master_analyzer(ResidualNet(), tmp_path, [1, 3, 8, 8], depth=2, verbose=False)
+    assert depths == [2, 1]
+    assert sorted(e["kind"] for e in wm.store.outputs("architecture"))[0] == "gv"
+    assert "#0" in (tmp_path / "architecture/architecture_001.gv").read_text()
 
 
 def test_architecture_without_dot_writes_source_and_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

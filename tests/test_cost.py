@@ -257,3 +257,14 @@ def test_summary_shows_cost_columns(tmp_path: Path, capsys: pytest.CaptureFixtur
     printed = capsys.readouterr().out
     assert "Fwd FLOPs" in printed and "Fwd ms" in printed
     assert rows[0]["forward_flops"] == 2 * 2 * 8 * 8 * 8 * 3 * 9
+
+
+def test_summary_costs_are_those_layer_costs_measured(tmp_path: Path) -> None:
+    """summary(costs=True) after layer_costs(batch) shows that batch's numbers and measures nothing again."""
+    wm = Master_analyzer(ResidualNet(), tmp_path, [8, 3, 8, 8], verbose=False)
+    measured = {row["id"]: row["forward_flops"] for row in wm.layer_costs(torch.randn(2, 3, 8, 8), repeats=1)}
+    rows = wm.summary(costs=True)
+    assert {row["id"]: row["forward_flops"] for row in rows} == measured  # batch 2, not input_size's 8
+    assert sorted({e["call"] for e in wm.store.outputs("costs")}) == [1]  # no second measurement written
+    fresh = Master_analyzer(ResidualNet(), tmp_path / "fresh", [2, 3, 8, 8], verbose=False)
+    assert {row["id"]: row["forward_flops"] for row in fresh.summary(costs=True)} == measured  # before any: one pass

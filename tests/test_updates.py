@@ -310,7 +310,7 @@ def test_far_rule_by_hand() -> None:
 def test_a_layer_in_the_healthy_band_is_never_far() -> None:
     """GPT-2's ln_f under AdamW: γ ≈ 1 moves 1e-3 a step while the std-0.02 matrices move 1e-2."""
     ratios = {"wte": 2e-2, "h.0": 1.5e-2, "h.1": 1.2e-2, "h.2": 1.8e-2, "ln_f": 4.6e-4, "stuck": 2e-6}
-    summary, center, spread, far = update_summary(epoch_of(ratios), UpdateRule())
+    summary, center, _, far = update_summary(epoch_of(ratios), UpdateRule())
     status = {s.layer_name: s.status for s in summary}
     assert -far > math.log10(4.6e-4) - center  # the relative rule alone would call ln_f far below
     assert status["ln_f"] == "ok" and status["stuck"] == "small"

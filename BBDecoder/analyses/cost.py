@@ -49,6 +49,8 @@ SECTION = "costs"
 class CostMixin(AnalyzerBase):
     """``layer_costs``: what each layer costs in parameters, FLOPs, time and memory."""
 
+    _last_costs: list[dict[str, Any]] | None = None  # the rows of the latest measurement, for summary(costs=True)
+
     def layer_costs(
         self,
         input_size_or_example: Any,
@@ -143,6 +145,7 @@ class CostMixin(AnalyzerBase):
         args, kwargs = inputs
         shape = shape_of(args[0]) if len(args) == 1 and not kwargs else shape_of([*args, *kwargs.values()])
         self._save_costs(rows, extra, totals, repeats=repeats, input_shape=shape)
+        self._last_costs = rows
         return rows
 
     # ------------------------------------------------------------- inputs
