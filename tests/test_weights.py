@@ -370,3 +370,17 @@ def test_histogram_arrays_round_trip(tmp_path: Path) -> None:
     for a, b in zip(back.params, result.params, strict=True):
         assert a.shape == b.shape and np.array_equal(a.edges, b.edges) and np.array_equal(a.counts, b.counts)
         assert (a.mean, a.std, a.saturation_fraction) == (b.mean, b.std, b.saturation_fraction)
+
+
+def test_every_layer_with_parameters_by_default(tmp_path: Path) -> None:
+    import warnings
+
+    model = SmallCNN()
+    wm = analyzer(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the parameter-free layers were not asked for: no warning
+        wm.visualize_weight_hist()
+    drawn = {entry["layer_name"] for entry in wm.store.outputs("weights") if entry["kind"] == "data"}
+    assert drawn == {layer.name for layer in wm.layers if any(True for _ in layer.module.parameters())}
+    with pytest.raises(BBDecoderValueError, match="no layer of the model holds parameters"):
+        analyzer(nn.Sequential(nn.ReLU()), tmp_path / "empty").visualize_weight_hist()

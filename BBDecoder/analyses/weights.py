@@ -433,7 +433,7 @@ class WeightMixin(AnalyzerBase):
 
     def visualize_weight_hist(
         self,
-        layer_inds: Selector,
+        layer_inds: Selector | None = None,
         save_folder: str | os.PathLike[str] | None = None,
         *,
         bins: int = 100,
@@ -446,7 +446,8 @@ class WeightMixin(AnalyzerBase):
 
         Args:
             layer_inds: layer IDs or names (one or a list); a container layer (a
-                Sequential block, a ResNet stage) shows all its parameters.
+                Sequential block, a ResNet stage) shows all its parameters. ``None`` (the
+                default): every numbered layer that holds parameters.
             save_folder: the folder (default ``save_path/weights``); relative to
                 ``save_path``, or absolute; a folder outside ``save_path`` is honoured and
                 listed in its manifest.
@@ -470,9 +471,12 @@ class WeightMixin(AnalyzerBase):
             raise BBDecoderValueError(f"bins must be at least 1, got bins={bins}")
         checks.integer(bins, "bins", low=1)  # and not so many that the histograms would not fit
         folder = self.store.subfolder(save_folder, "save_folder", default=SECTION)
-        chosen = self._select(layer_inds, "layer_inds")
+        every = layer_inds is None  # every layer with parameters: the parameter-free ones are not asked for
+        chosen = list(self.layers) if every else self._select(layer_inds, "layer_inds")
         layers = [layer for layer in chosen if layer_parameters(layer.module)]
-        empty = [layer for layer in chosen if layer not in layers]
+        empty = [] if every else [layer for layer in chosen if layer not in layers]
+        if not layers and every:
+            raise BBDecoderValueError("visualize_weight_hist: no layer of the model holds parameters")
         if not layers:
             listed = ", ".join(f"{layer.id} {layer.name!r}" for layer in empty)
             raise BBDecoderValueError(f"visualize_weight_hist: none of the selected layers has parameters ({listed})")

@@ -121,7 +121,7 @@ def update_ratio_figure(
             per_layer.text(0.02, row, state, transform=per_layer.get_yaxis_transform(), va="center", fontsize=7)
     per_layer.set_xlabel("median over the epoch's steps (log)")
     per_layer.grid(axis="x", alpha=0.3)
-    per_layer.legend(fontsize=7, loc="lower left")
+    per_layer.legend(fontsize=7, loc="best")  # not over the lowest layer, the one most often flagged
     figure.suptitle(title, x=0.01, ha="left")
     return figure
 
