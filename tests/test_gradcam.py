@@ -327,3 +327,12 @@ def test_files_and_manifest(tmp_path: Path) -> None:
         assert picture.ndim == 3 and picture.shape[1] > picture.shape[0] > 100  # three panels side by side
     wm.grad_cam("layer1", x[:1])
     assert {e["call"] for e in wm.store.outputs("gradcam")} == {1, 2}
+
+
+def test_a_map_that_is_zero_everywhere_says_so_in_its_figure() -> None:
+    from BBDecoder.plots.gradcam import gradcam_figure
+
+    titles = [ax.get_title() for ax in gradcam_figure(None, np.zeros((4, 4)), title="t").axes]
+    assert any("zero everywhere" in title for title in titles)
+    titles = [ax.get_title() for ax in gradcam_figure(None, np.eye(4), title="t").axes]
+    assert "Grad-CAM (0 least, 1 most)" in titles

@@ -43,7 +43,7 @@ def gradcam_figure(image: np.ndarray | None, cam: np.ndarray, *, title: str, alp
     Args:
         image: ``(H, W, 3)`` or ``(H, W)`` picture in [0, 1] (see :func:`display_image`);
             ``None`` draws the map alone (token or non-image inputs).
-        cam: the ``(H, W)`` map in [0, 1].
+        cam: the ``(H, W)`` map in [0, 1]; one with no positive value is titled as such.
         title: the figure's title.
         alpha: opacity of the map over the image.
 
@@ -66,7 +66,10 @@ def gradcam_figure(image: np.ndarray | None, cam: np.ndarray, *, title: str, alp
         axes.set_axis_off()
     axes = figure.add_subplot(grid[0, 1 if image is not None else 0])
     shown = axes.imshow(cam, cmap=CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
-    axes.set_title("Grad-CAM (0 least, 1 most)", fontsize=9)
+    if np.nanmax(cam, initial=0.0) > 0:
+        axes.set_title("Grad-CAM (0 least, 1 most)", fontsize=9)
+    else:  # a flat map would read as "nothing matters here": say what it is
+        axes.set_title("Grad-CAM: zero everywhere\n(no gradient reaches these positions)", fontsize=8, color="#c0392b")
     axes.set_axis_off()
     bar = figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.03)
     bar.ax.tick_params(labelsize=8)
