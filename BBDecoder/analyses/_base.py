@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from ..core.forward import After, hooked_forward
 from ..core.hooks import HookRegistry
 from ..core.layers import Layer, LayerTable, Selector
 from ..core.model import model_device
+from ..errors import BBDecoderError, OutputWriteError
 from ..output.store import Store
 from ..summary import printable
 
@@ -23,6 +25,24 @@ logger = logging.getLogger("BBDecoder")
 
 WORST_SHOWN = 5
 """Alerts quoted in a save's warning; the full list is in its alerts file."""
+
+
+@contextlib.contextmanager
+def held_on_failure(epoch: int, files: str, held: str) -> Iterator[None]:
+    """Turn a failed epoch write into one :class:`OutputWriteError` saying the data is still held.
+
+    Args:
+        epoch: the epoch being saved.
+        files: what was being written (``"its files"``, ``"the activation files"``).
+        held: what is kept for the retry (``"The epoch's update norms are"``).
+    """
+    try:
+        yield
+    except (OSError, BBDecoderError) as error:
+        raise OutputWriteError(
+            f"save_collected_grads(ep={epoch}) could not write {files}: {error}. {held} still held; call "
+            f"save_collected_grads({epoch}) again once the cause is fixed"
+        ) from error
 
 
 def warn_new_alerts(

@@ -51,7 +51,7 @@ from torch import nn
 from ..core.forward import hooked_forward
 from ..core.layers import Layer, Selector
 from ..core.tree import tensors
-from ..errors import BBDecoderError, BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning, OutputWriteError
+from ..errors import BBDecoderTypeError, BBDecoderValueError, BBDecoderWarning
 from ..output import layout
 from ..output.schema import (
     ACTIVATION_CSV_HEADER,
@@ -63,7 +63,7 @@ from ..output.schema import (
     manifest_entries,
 )
 from ..output.store import Store
-from ._base import AnalyzerBase, warn_new_alerts
+from ._base import AnalyzerBase, held_on_failure, warn_new_alerts
 
 SECTION = "activations"
 STATS = ("mean", "std", "max_abs", "zero_frac", "dead_frac", "saturated_frac")
@@ -502,7 +502,7 @@ class ActivationMixin(AnalyzerBase):
         rows = activation_rows(data)
         paths: list[Path] = []
         if self.store.enabled:
-            try:
+            with held_on_failure(epoch, "the activation files", "The epoch's activation statistics are"):
                 paths = _write_epoch(
                     self.store,
                     folder,
@@ -513,12 +513,6 @@ class ActivationMixin(AnalyzerBase):
                     history=history,
                     thresholds=(self.dead_threshold, self.saturated_threshold),
                 )
-            except (OSError, BBDecoderError) as error:
-                raise OutputWriteError(
-                    f"save_collected_grads(ep={epoch}) could not write the activation files: {error}. The epoch's "
-                    f"activation statistics are still held; call save_collected_grads({epoch}) again once the cause "
-                    "is fixed"
-                ) from error
         recorder.clear()
         state.history = history
         state.alerts.extend(alerts)

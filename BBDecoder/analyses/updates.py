@@ -47,17 +47,15 @@ from torch import nn
 from ..core import checks
 from ..core.layers import ROOT_NAME, Layer, Selector, owned_parameters
 from ..errors import (
-    BBDecoderError,
     BBDecoderTypeError,
     BBDecoderValueError,
     BBDecoderWarning,
     LayerSelectionError,
-    OutputWriteError,
 )
 from ..output import layout
 from ..output.schema import UPDATE_CSV_HEADER, Alert, UpdateEpochReport, UpdateRow, UpdateSummary, csv_cells
 from ..output.store import Store
-from ._base import AnalyzerBase, warn_new_alerts
+from ._base import AnalyzerBase, held_on_failure, warn_new_alerts
 
 SECTION = "updates"
 GUIDE_RATIO = 1e-3
@@ -501,13 +499,8 @@ class UpdateMixin(AnalyzerBase):
                 alerts=alerts,
                 summary=summary,
             )
-            try:
+            with held_on_failure(epoch, "the update files", "The epoch's update norms are"):
                 paths = _write_epoch(self.store, folder, data, rows, report)
-            except (OSError, BBDecoderError) as error:
-                raise OutputWriteError(
-                    f"save_collected_grads(ep={epoch}) could not write the update files: {error}. The epoch's update "
-                    f"norms are still held; call save_collected_grads({epoch}) again once the cause is fixed"
-                ) from error
         recorder.clear()
         state.alerts.extend(alerts)
         if not self.store.enabled:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import Formatter
+from matplotlib.ticker import Formatter, MaxNLocator
 
 MIN_FONT_PT = 7.0
 """The smallest type any figure uses."""
@@ -395,3 +395,16 @@ def row_labels(
 def font_px(size_pt: float, dpi: int = STORE_DPI) -> float:
     """Height in pixels of ``size_pt`` type at ``dpi``, as the browser shows it at 100% zoom."""
     return size_pt * dpi / 72.0
+
+
+def iteration_ticks(iterations: np.ndarray) -> tuple[list[int], list[str]]:
+    """Columns where round iteration numbers (multiples of 1, 2, 5 × 10^k) first appear."""
+    if iterations.size == 0:
+        return [], []
+    values = MaxNLocator(nbins=10, integer=True, steps=[1, 2, 5, 10]).tick_values(iterations[0], iterations[-1])
+    columns: list[int] = []
+    for value in values:
+        column = int(np.searchsorted(iterations, value))
+        if column < iterations.size and iterations[0] <= value <= iterations[-1] and column not in columns:
+            columns.append(column)
+    return columns, [str(int(iterations[c])) for c in columns]

@@ -12,10 +12,9 @@ import numpy as np
 from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
-from . import MAX_LONG_SIDE_IN, new_figure
+from . import MAX_LONG_SIDE_IN, iteration_ticks, new_figure
 
 STD_COLOR = "#1f5fa8"
 MAX_COLOR = "#f2a541"
@@ -163,7 +162,7 @@ def activation_heatmap_figure(
         labels = layer_labels if index == 0 else saturated_labels
         shown = range(0, rows, every)
         axes.set_yticks(list(shown), [labels[i] for i in shown], fontsize=8)
-        ticks, tick_labels = _ticks(its)
+        ticks, tick_labels = iteration_ticks(its)
         axes.set_xticks(ticks, tick_labels, fontsize=8)
         changes = np.flatnonzero(np.diff(eps)) + 1 if width else np.array([], dtype=int)
         for start in changes:
@@ -195,16 +194,3 @@ def _bin_max(matrix: np.ndarray, iterations: np.ndarray, epochs: np.ndarray) -> 
         seen = np.isfinite(block).any(axis=1)
         out[seen, b] = np.nanmax(block[seen], axis=1)
     return out, iterations[edges[:-1]], epochs[edges[:-1]]
-
-
-def _ticks(iterations: np.ndarray) -> tuple[list[int], list[str]]:
-    """Columns where round iteration numbers first appear."""
-    if iterations.size == 0:
-        return [], []
-    values = MaxNLocator(nbins=10, integer=True, steps=[1, 2, 5, 10]).tick_values(iterations[0], iterations[-1])
-    columns: list[int] = []
-    for value in values:
-        column = int(np.searchsorted(iterations, value))
-        if column < iterations.size and iterations[0] <= value <= iterations[-1] and column not in columns:
-            columns.append(column)
-    return columns, [str(int(iterations[c])) for c in columns]

@@ -25,7 +25,17 @@ from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 from matplotlib.transforms import blended_transform_factory
 
 from ..errors import BBDecoderValueError
-from . import MAX_LONG_SIDE_IN, bar_figure, log_axis, new_figure, pages, row_labels, shorten, text_column
+from . import (
+    MAX_LONG_SIDE_IN,
+    bar_figure,
+    iteration_ticks,
+    log_axis,
+    new_figure,
+    pages,
+    row_labels,
+    shorten,
+    text_column,
+)
 
 MEAN_COLOR = "#1f5fa8"
 MAX_COLOR = "#f2a541"
@@ -712,7 +722,7 @@ def gradient_heatmap_figure(
     axes.set_yticks(labelled, [shorten(layer_labels[i], 40) for i in labelled], fontsize=7.5)
     if every > 1:
         axes.set_yticks(np.arange(rows), minor=True)
-    ticks, tick_labels = _iteration_ticks(np.asarray(iterations))
+    ticks, tick_labels = iteration_ticks(np.asarray(iterations))
     axes.set_xticks(ticks, tick_labels, fontsize=8)
     axes.tick_params(axis="x", top=tall, labeltop=tall, bottom=True, labelbottom=True)
     axes.set_xlabel("iteration", fontsize=9)
@@ -731,19 +741,6 @@ def gradient_heatmap_figure(
     colorbar.set_label("log10 L2 norm of the layer's gradient", fontsize=8)
     colorbar.ax.tick_params(labelsize=7.5)
     return figure
-
-
-def _iteration_ticks(iterations: np.ndarray) -> tuple[list[int], list[str]]:
-    """Columns where round iteration numbers (multiples of 1, 2, 5 × 10^k) first appear."""
-    if iterations.size == 0:
-        return [], []
-    values = MaxNLocator(nbins=10, integer=True, steps=[1, 2, 5, 10]).tick_values(iterations[0], iterations[-1])
-    columns: list[int] = []
-    for value in values:
-        column = int(np.searchsorted(iterations, value))
-        if column < iterations.size and iterations[0] <= value <= iterations[-1] and column not in columns:
-            columns.append(column)
-    return columns, [str(int(iterations[c])) for c in columns]
 
 
 def _viridis() -> np.ndarray:

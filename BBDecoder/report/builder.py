@@ -112,11 +112,11 @@ def open_save_path(path: str | os.PathLike[str]) -> Store:
     return Store(root)
 
 
-def render(context: dict[str, Any]) -> str:
-    """Render the report template (autoescaped) with a context from :func:`collect`."""
+def template_environment() -> Any:
+    """The Jinja environment of the report's templates: autoescaped, strict about missing names."""
     import jinja2
 
-    environment = jinja2.Environment(
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
@@ -124,6 +124,11 @@ def render(context: dict[str, Any]) -> str:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+
+
+def render(context: dict[str, Any]) -> str:
+    """Render the report template (autoescaped) with a context from :func:`collect`."""
+    environment = template_environment()
     environment.filters["si"] = format_si
     environment.filters["bytes"] = format_bytes
     environment.filters["cell"] = format_cell

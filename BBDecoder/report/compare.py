@@ -501,16 +501,9 @@ def collect_comparison(runs: Sequence[RunData], *, title: str | None = None) -> 
 
 def render_comparison(context: dict[str, Any]) -> str:
     """The comparison page (autoescaped) for a context from :func:`collect_comparison`."""
-    import jinja2
+    from .builder import template_environment
 
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
+    environment = template_environment()
     environment.filters["count"] = _format_count
     return environment.get_template(TEMPLATE).render(**context)
 

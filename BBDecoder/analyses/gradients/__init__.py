@@ -29,17 +29,15 @@ import torch
 from ...core import checks, distributed
 from ...core.layers import ROOT_NAME, Selector, owned_parameters, tied_names
 from ...errors import (
-    BBDecoderError,
     BBDecoderTypeError,
     BBDecoderValueError,
     BBDecoderWarning,
     GradientAlertWarning,
     LayerSelectionError,
-    OutputWriteError,
 )
 from ...kernels import gradstats
 from ...output.schema import GRADIENT_CSV_HEADER, Alert, GradientRow
-from .._base import AnalyzerBase, warn_new_alerts
+from .._base import AnalyzerBase, held_on_failure, warn_new_alerts
 from . import save
 from .alerts import TITLES, Thresholds, find_alerts, severity
 from .epoch import EpochData, gradient_rows, layer_norms, tensor_summary
@@ -329,7 +327,8 @@ class GradientMixin(AnalyzerBase):
         rows = gradient_rows(data)
         paths: list[Path] = []
         if self.store.enabled:
-            try:
+            held = f"The epoch's statistics ({len(data.iterations)} iterations × {len(data.columns)} tensors) are"
+            with held_on_failure(epoch, "its files", held):
                 paths = save.write_epoch(
                     self.store,
                     folder,
@@ -341,12 +340,6 @@ class GradientMixin(AnalyzerBase):
                     history=history,
                     thresholds=thresholds,
                 )
-            except (OSError, BBDecoderError) as error:
-                raise OutputWriteError(
-                    f"save_collected_grads(ep={epoch}) could not write its files: {error}. The epoch's statistics "
-                    f"({len(data.iterations)} iterations × {len(data.columns)} tensors) are still held; call "
-                    f"save_collected_grads({epoch}) again once the cause is fixed"
-                ) from error
         recorder.clear()
         state.history = history
         state.alerts.extend(alerts)
