@@ -356,8 +356,9 @@ def test_a_cut_png_matches_matplotlibs_tight_box() -> None:
         reference = io.BytesIO()
         Figure.savefig(drawn(spill), reference, format="png", dpi=STORE_DPI, bbox_inches="tight")
         ours, theirs = (np.asarray(Image.open(b).convert("L")) < 128 for b in (buffer, reference))
-        # the same picture, give or take a pixel of padding where matplotlib rounds its box
-        assert abs(ours.shape[0] - theirs.shape[0]) <= 2 and abs(ours.shape[1] - theirs.shape[1]) <= 2, spill
+        # the same picture, give or take a few pixels of margin: the cut counts the faint edge of
+        # antialiased ink, matplotlib's box leaves it out and rounds its edges
+        assert abs(ours.shape[0] - theirs.shape[0]) <= 4 and abs(ours.shape[1] - theirs.shape[1]) <= 4, spill
         if spill:  # the note lies outside the figure: it was measured, the picture is wider than the figure
             assert ours.shape[1] > 4.0 * STORE_DPI
         ours, theirs = inked(ours), inked(theirs)

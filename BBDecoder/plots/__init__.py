@@ -42,12 +42,14 @@ class PlotFigure(Figure):
     ``savefig(..., bbox_inches="tight")`` makes matplotlib measure every artist (a dry-run
     draw) and then draw the figure again. A figure laid out by hand (``layout=None``, as
     most of these are) and saved as PNG is instead drawn once on its own canvas; its tight
-    box is then measured with that canvas's renderer (every text already laid out, so about
-    a fifth of a drawing), padded by ``pad_inches``, and cut out of the pixels. Where the box
-    reaches beyond the canvas (an artist placed outside the figure), for a figure with a frame
-    or figure-level images, under ``savefig.facecolor``/``edgecolor``/``transparent`` settings,
-    or for any other format or layout, it falls back to ``Figure.savefig`` unchanged: the
-    picture is the same either way, to the rounding of the box's edges.
+    box is the inked pixels joined with the boxes of its texts (titles, notes, labels: their
+    line boxes, as matplotlib measures them), padded by ``pad_inches`` and cut out of the
+    pixels. Measuring the artists again, as ``Figure.get_tightbbox`` does, would recompute
+    every axis' ticks: a third of a drawing. Where ink reaches the canvas' edge or a text
+    lies beyond it (an artist placed outside the figure), for a figure with a frame, figure
+    images or subfigures, under ``savefig.facecolor``/``edgecolor``/``transparent``
+    settings, or for any other format or layout, it falls back to ``Figure.savefig``
+    unchanged: the picture is the same either way, to a few pixels of white margin.
     """
 
     def savefig(self, fname: Any, *args: Any, **kwargs: Any) -> None:
@@ -70,6 +72,7 @@ class PlotFigure(Figure):
         rc = mpl.rcParams
         return (
             not self.images
+            and not self.subfigs
             and self.get_linewidth() == 0
             and not rc["savefig.transparent"]
             and all(str(rc[key]) == "auto" for key in ("savefig.facecolor", "savefig.edgecolor"))
@@ -91,16 +94,15 @@ class PlotFigure(Figure):
             self.dpi = dpi
             ours._is_saving = True  # a throwaway canvas, saving as savefig does: animated artists are drawn too
             ours.draw()
-            box = self.get_tightbbox(ours.get_renderer())  # inches
             pixels = np.asarray(ours.buffer_rgba())
+            box = _inked_box(pixels, self._text_boxes(ours.get_renderer()))
         finally:
             self.dpi = original
             self.set_canvas(canvas)
+        if box is None:
+            return False  # something may lie outside the canvas: matplotlib's own save measures and draws it
         height, width = pixels.shape[:2]
-        left, right = math.floor(box.x0 * dpi), math.ceil(box.x1 * dpi)
-        top, bottom = height - math.ceil(box.y1 * dpi), height - math.floor(box.y0 * dpi)
-        if left < 0 or top < 0 or right > width or bottom > height:
-            return False  # something lies outside the canvas: matplotlib's own save draws it
+        left, top, right, bottom = box
         margin = round(pad * dpi)  # the padding, in the background's colour where it leaves the canvas
         cut = pixels[max(top - margin, 0) : bottom + margin, max(left - margin, 0) : right + margin]
         grow = (
@@ -116,6 +118,56 @@ class PlotFigure(Figure):
             fname, format="png", dpi=(dpi, dpi), pnginfo=_png_info(), compress_level=PNG_COMPRESSION
         )
         return True
+
+    def _text_boxes(self, renderer: Any) -> list[Any]:
+        """Display boxes of the figure's texts and of each axes' texts, titles, axis and tick labels.
+
+        The tick labels are those of the ticks inside the view, as the drawing just placed
+        them (asking the axis for its labels would compute its ticks once more).
+        """
+        from matplotlib.text import Text
+
+        texts = list(self.texts)
+        for axes in self.axes:
+            texts += [child for child in axes.get_children() if isinstance(child, Text)]
+            for axis in (axes.xaxis, axes.yaxis):
+                texts.append(axis.label)
+                low, high = sorted(axis.get_view_interval())
+                slack = 1e-9 * (high - low)
+                for tick in (*axis.majorTicks, *axis.minorTicks):
+                    where = tick.get_loc()
+                    if where is not None and low - slack <= where <= high + slack:
+                        texts += [tick.label1, tick.label2]
+        return [
+            text.get_window_extent(renderer)
+            for text in texts
+            if text.get_visible() and text.get_in_layout() and text.get_text()
+        ]
+
+
+def _inked_box(pixels: np.ndarray, texts: Sequence[Any]) -> tuple[int, int, int, int] | None:
+    """``(left, top, right, bottom)`` in pixels (top down) of what differs from the background, and ``texts``.
+
+    The background is the corner's colour; ``None`` where ink reaches the canvas' edge, a
+    text box lies beyond it, or nothing is drawn: what lies there must be measured instead.
+    """
+    height, width = pixels.shape[:2]
+    flat = np.ascontiguousarray(pixels).view(np.uint32)[..., 0]  # one number per RGBA pixel
+    background = flat[0, 0]
+    if any(bool((edge != background).any()) for edge in (flat[0], flat[-1], flat[:, 0], flat[:, -1])):
+        return None
+    ink = flat != background
+    rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if not rows.size:
+        return None
+    left, top, right, bottom = int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1
+    for box in texts:  # display boxes: y up from the bottom
+        x0, x1 = math.floor(box.x0), math.ceil(box.x1)
+        y0, y1 = height - math.ceil(box.y1), height - math.floor(box.y0)
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            return None
+        left, top, right, bottom = min(left, x0), min(top, y0), max(right, x1), max(bottom, y1)
+    return left, top, right, bottom
 
 
 def _png_info() -> Any:
@@ -390,6 +442,57 @@ def row_labels(
     axes.set_yticks([])  # no tick objects at all: sixty empty ones cost more to draw than the labels
     side = blended_transform_factory(axes.transAxes, axes.transData)
     text_column(axes, -0.012, labels, row_pt=row_in * 72, colors=colors, size=size, ha="right", transform=side)
+
+
+def colour_scale(
+    axes: Any, mappable: Any, *, gap_in: float = 0.15, width_in: float = 0.14, size: float = 7.5, ticks: int = 5
+) -> None:
+    """A vertical colour scale for ``mappable`` right of ``axes``, drawn inside ``axes``.
+
+    What ``figure.colorbar`` shows (the colours evenly along the bar, values at ``norm(value)``,
+    plain labels), as an image, a frame, tick marks and texts: a colour bar's own axes and
+    its ticks cost more to draw than the heatmap they explain. ``axes`` must have its
+    final position.
+    """
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize
+    from matplotlib.image import AxesImage
+    from matplotlib.patches import Rectangle
+
+    norm = mappable.norm
+    width = axes.get_position().width * axes.get_figure().get_figwidth()
+    left, right = 1 + gap_in / width, 1 + (gap_in + width_in) / width
+    bar = AxesImage(  # the extent given here, not set: setting it would move the axes' data limits
+        axes,
+        cmap=mappable.get_cmap(),
+        norm=Normalize(0, 1),
+        interpolation="nearest",
+        origin="lower",
+        extent=(left, right, 0, 1),
+    )
+    bar.set_data(np.linspace(0, 1, 256)[:, None])
+    bar.set_transform(axes.transAxes)
+    axes.add_artist(bar)  # not add_image: that would clip it to the axes
+    bar.set_clip_on(False)
+    frame = Rectangle((left, 0), right - left, 1, transform=axes.transAxes, fill=False, linewidth=0.6, clip_on=False)
+    axes.add_artist(frame)
+    values = [v for v in MaxNLocator(nbins=ticks - 1).tick_values(norm.vmin, norm.vmax) if norm.vmin <= v <= norm.vmax]
+    formatter = PlainFormatter()
+    formatter.set_locs(values)
+    places = [float(norm(v)) for v in values]
+    mark = 0.05 / width
+    axes.add_collection(
+        LineCollection(
+            [[(right, y), (right + mark, y)] for y in places],
+            colors="black",
+            linewidths=0.6,
+            transform=axes.transAxes,
+            clip_on=False,
+        ),
+        autolim=False,
+    )
+    for value, y in zip(values, places, strict=True):
+        axes.text(right + 2 * mark, y, formatter(value), transform=axes.transAxes, va="center", fontsize=size)
 
 
 def font_px(size_pt: float, dpi: int = STORE_DPI) -> float:

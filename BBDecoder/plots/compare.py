@@ -114,7 +114,7 @@ def overlay_figure(
             axes.text(
                 0.02, 0.96, panel.note, transform=axes.transAxes, ha="left", va="top", fontsize=7, color="#c0392b"
             )
-        axes.set_title(panel.label, fontsize=9, loc="left")
+        axes.set_title(panel.label, fontsize=9, loc="left", y=1.0)
         axes.tick_params(which="both", labelsize=7)
         axes.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         axes.grid(alpha=0.3)

@@ -610,7 +610,7 @@ def _draw_norms(
     if note:
         color = PROBLEM_COLOR if "zero" in note or "finite" in note else MISSING_COLOR
         axes.text(0.5, 0.5, note, transform=axes.transAxes, ha="center", va="center", color=color, fontsize=8)
-    axes.set_title(shorten(panel.label, 34), fontsize=8.5, loc="left")
+    axes.set_title(shorten(panel.label, 34), fontsize=8.5, loc="left", y=1.0)
     axes.tick_params(which="both", labelsize=7.5)
 
 

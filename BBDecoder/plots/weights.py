@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 
 from ..analyses.weights import SATURATION
 from ..summary import printable
-from . import PlainFormatter, grid_size, new_figure, panel_grid, plain_number, shorten, spread
+from . import PlainFormatter, colour_scale, grid_size, new_figure, panel_grid, plain_number, shorten, spread
 
 if TYPE_CHECKING:
     from ..analyses.weights import LayerHistograms, ParamHistogram
@@ -172,7 +172,7 @@ def _draw_param(ax: Axes, p: ParamHistogram) -> None:
     title = shorten(f"{printable(p.name)}  [{_shape(p.shape)}]", 40)
     if p.tied:  # one tensor under several names, computed once: say so where its panel starts
         title += "\n" + shorten("tied to " + ", ".join(map(printable, p.tied)), 44)
-    ax.set_title(title, fontsize=8, loc="left")
+    ax.set_title(title, fontsize=8, loc="left", y=1.0)
     ax.tick_params(labelsize=7.5)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
     ax.xaxis.set_major_formatter(PlainFormatter())
@@ -416,7 +416,7 @@ def _kind_panel(ax: Axes, params: Sequence[ParamHistogram], x: Sequence[int], co
     ax.yaxis.set_major_formatter(PlainFormatter())
     ax.tick_params(axis="y", labelsize=7.5)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(title, fontsize=8.5, loc="left")
+    ax.set_title(title, fontsize=8.5, loc="left", y=1.0)
 
 
 def _fmt_range(low: float, high: float) -> tuple[str, str]:
@@ -495,7 +495,7 @@ def weight_evolution_figure(history: Sequence[LayerHistograms]) -> Figure:
         ax.tick_params(axis="x", labelsize=7.5)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
         ax.xaxis.set_major_formatter(PlainFormatter())
-        ax.set_title(shorten(f"{printable(name)}  [{_shape(shapes[name])}]", 40), fontsize=8, loc="left")
+        ax.set_title(shorten(f"{printable(name)}  [{_shape(shapes[name])}]", 40), fontsize=8, loc="left", y=1.0)
     return figure
 
 
@@ -576,7 +576,6 @@ def weight_drift_figure(history: Sequence[LayerHistograms]) -> Figure:
     for row, (values, cmap_name, label, diverging) in enumerate(panels):
         bottom = height - header_in - (row + 1) * (panel_in + 0.35) + 0.05
         ax = figure.add_axes((0.75 / 10.6, bottom / height, 8.55 / 10.6, panel_in / height))
-        cax = figure.add_axes((9.45 / 10.6, bottom / height, 0.14 / 10.6, panel_in / height))
         cmap = colormaps[cmap_name].with_extremes(bad="#d0d5dd")
         shown = np.ma.masked_invalid(values)
         if diverging:
@@ -589,15 +588,13 @@ def weight_drift_figure(history: Sequence[LayerHistograms]) -> Figure:
             image = ax.imshow(shown, aspect="auto", cmap=cmap, interpolation="nearest", vmin=0, vmax=max(top, 1.0))
         ticks = spread(calls, 4)
         ax.set_yticks(ticks, [f"call {call_numbers[t]}" for t in ticks], fontsize=7.5)
-        ax.set_title(label, fontsize=8.5, loc="left")
+        ax.set_title(label, fontsize=8.5, loc="left", y=1.0)
         if 0 < len(boundaries) <= 60:
             ax.vlines(boundaries, 0, 1, transform=ax.get_xaxis_transform(), colors="white", linewidths=0.5)
         ax.xaxis.set_major_locator(NullLocator())
         if row == 2:
             _column_names(ax, centres, labels)
-        bar = figure.colorbar(image, cax=cax)
-        bar.ax.tick_params(labelsize=7.5)
-        bar.ax.yaxis.set_major_formatter(PlainFormatter())
+        colour_scale(ax, image)
     return figure
 
 
