@@ -16,6 +16,7 @@ import math
 import warnings
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -43,9 +44,16 @@ MIN_TEXT_PX = 8.0
 
 # ------------------------------------------------------------------ helpers
 def saved_size(figure: Figure) -> tuple[int, int]:
-    """Pixel size of ``figure`` saved as the store saves it (``Store.save_figure``)."""
+    """Pixel size of ``figure`` saved as the store saves it (``Store.save_figure``).
+
+    A figure laid out by hand keeps everything on its canvas: its PNG is cut from one
+    drawing, never measured and drawn again by matplotlib (a text past the edge would be).
+    """
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=STORE_DPI, bbox_inches="tight")
+    with mock.patch.object(Figure, "savefig", autospec=True, side_effect=Figure.savefig) as measured_again:
+        figure.savefig(buffer, format="png", dpi=STORE_DPI, bbox_inches="tight")
+    if figure.get_layout_engine() is None:
+        assert not measured_again.called, f"{figure.get_label()!r} spills past its canvas"
     buffer.seek(0)
     with Image.open(buffer) as image:
         return image.size

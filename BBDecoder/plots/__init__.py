@@ -394,11 +394,14 @@ def bar_figure(
     right: float = 1.2,
     label_pt: float = 8.0,
     ncol: int = 3,
+    bottom: float | None = None,
 ) -> tuple[Figure, Any]:
     """A figure with one axes of ``rows`` horizontal rows, laid out by hand: title, legend, axis on top.
 
     The rows are exactly ``row_in`` tall, so labels can be drawn with :func:`text_column`;
-    the left margin fits ``longest_label`` characters. The title is the figure's label.
+    the left margin fits ``longest_label`` characters; ``bottom`` is the margin below the
+    axes in inches (default: room for the repeated axis of a tall chart). The title is the
+    figure's label.
 
     Returns:
         ``(figure, axes)``; the caller sets the y limits to ``(rows - 0.5, -0.5)``.
@@ -408,7 +411,7 @@ def bar_figure(
     header = 0.15 + 0.2 * lines + 0.22 * legend_rows + 0.55  # title, legend, top axis
     tall = rows > 25
     left = min(4.2, 0.25 + 0.058 * longest_label * label_pt / 8)
-    bottom = 0.45 if tall else 0.15
+    bottom = (0.45 if tall else 0.15) if bottom is None else bottom
     height = max(2.2, header + row_in * rows + bottom)
     figure = new_figure(width, height, layout=None)
     figure.set_label(title)
@@ -493,6 +496,11 @@ def colour_scale(
     )
     for value, y in zip(values, places, strict=True):
         axes.text(right + 2 * mark, y, formatter(value), transform=axes.transAxes, va="center", fontsize=size)
+
+
+def text_width_in(text: str, size: float) -> float:
+    """Width in inches of the longest line of ``text`` in ``size``-pt DejaVu Sans, on average (0.62 em a character)."""
+    return max(len(line) for line in text.split("\n")) * size * 0.62 / 72
 
 
 def font_px(size_pt: float, dpi: int = STORE_DPI) -> float:

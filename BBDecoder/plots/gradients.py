@@ -692,8 +692,8 @@ def gradient_heatmap_figure(
     epochs_note = f", epochs {int(epochs[0])}–{int(epochs[-1])}" if width and tall else ""
     text = title + epochs_note + note
     longest = min(40, max((len(label) for label in layer_labels), default=8))
-    figure, axes = bar_figure(
-        rows, text, handles, row_in=row_in, longest_label=longest, width=10.5, right=0.3, label_pt=7.5
+    figure, axes = bar_figure(  # the iteration axis and its label below, whatever the height
+        rows, text, handles, row_in=row_in, longest_label=longest, width=10.5, right=0.3, label_pt=7.5, bottom=0.6
     )
     box = axes.get_position()
     colorbar_axes = figure.add_axes(

@@ -18,13 +18,23 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.collections import PolyCollection
-from matplotlib.colors import TwoSlopeNorm
+from matplotlib.colors import TwoSlopeNorm, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
 from ..analyses.weights import SATURATION
 from ..summary import printable
-from . import PlainFormatter, colour_scale, grid_size, new_figure, panel_grid, plain_number, shorten, spread
+from . import (
+    PlainFormatter,
+    colour_scale,
+    grid_size,
+    new_figure,
+    panel_grid,
+    plain_number,
+    shorten,
+    spread,
+    text_width_in,
+)
 
 if TYPE_CHECKING:
     from ..analyses.weights import LayerHistograms, ParamHistogram
@@ -135,8 +145,10 @@ def flags(p: ParamHistogram) -> list[str]:
 def _draw_param(ax: Axes, p: ParamHistogram) -> None:
     counts = np.asarray(p.counts, dtype=float)
     edges = np.asarray(p.edges, dtype=float)
-    ax.stairs(counts, edges, fill=True, color=_FILL, alpha=0.75, linewidth=0)
-    ax.stairs(counts, edges, color=_FILL, linewidth=0.8)
+    # the filled steps and their outline as one polygon (stairs would measure its path's curves for the limits)
+    outline = np.column_stack([np.repeat(edges, 2), np.r_[0.0, np.repeat(counts, 2), 0.0]])
+    fill, line = to_rgba(_FILL, 0.75), to_rgba(_FILL)
+    ax.add_collection(PolyCollection([outline], facecolors=[fill], edgecolors=[line], linewidths=0.8), autolim=False)
     ax.set_xlim(edges[0], edges[-1])
     ax.set_ylim(0, max(1.0, counts.max()) * 1.6)  # headroom for the statistics box
     low_end, high_end = saturated_ends(p)
@@ -200,11 +212,12 @@ def weight_histogram_figure(layer: LayerHistograms) -> Figure:
         return weight_summary_figure(layer)
     cells, rows, columns = panel_layout([p.name for p in params])
     layout = {"panel": (2.35, 1.55), "gap": (0.45, 0.62), "margins": (0.5, 0.15, 0.95, 0.35)}
-    figure = new_figure(*grid_size(rows, columns, **layout), layout=None)
     title = (
         f"Weights of layer {layer.layer_id} {shorten(printable(layer.layer_name), 60)} ({layer.layer_type}), "
         f"call {layer.call}\ndashed: mean · red: the end of the range where values pile up (saturation)"
     )
+    width, height = grid_size(rows, columns, **layout)
+    figure = new_figure(max(width, text_width_in(title, 9.5) + 0.15), height, layout=None)  # the title fits
     figure.set_label(title)
     figure.text(0.05 / figure.get_figwidth(), 1 - 0.06 / figure.get_figheight(), title, fontsize=9.5, va="top")
     for p, ax in zip(params, panel_grid(figure, len(params), columns, cells=cells, **layout), strict=True):
@@ -361,7 +374,7 @@ def _column_names(ax: Axes, centres: Sequence[float], labels: Sequence[str]) -> 
     spacing_in = width_in * (float(np.min(np.diff(centres))) if len(centres) > 1 else high - low) / (high - low)
 
     def fits(texts: Sequence[str]) -> bool:
-        return max(len(text) for text in texts) * _CHAR_IN <= 0.85 * spacing_in
+        return max(text_width_in(text, 7) for text in texts) <= 0.85 * spacing_in
 
     numbered = bool(shared) and all(label[len(shared) :].isdigit() for label in labels)
     numbered = numbered and fits([label[len(shared) :] for label in labels])  # a bare number only where it reads level
@@ -387,10 +400,6 @@ def _column_names(ax: Axes, centres: Sequence[float], labels: Sequence[str]) -> 
             fontsize=7,
             color="0.3",
         )
-
-
-_CHAR_IN = 7 * 0.62 / 72
-"""Width of one character of 7-pt DejaVu Sans, on average, in inches."""
 
 
 def _kind_panel(ax: Axes, params: Sequence[ParamHistogram], x: Sequence[int], columns: int, title: str) -> None:
@@ -460,12 +469,13 @@ def weight_evolution_figure(history: Sequence[LayerHistograms]) -> Figure:
     chosen = [history[i] for i in spread(len(history), MAX_RIDGES)]
     cmap = colormaps["viridis"]
     layout = {"panel": (2.35, 1.3 + 0.07 * len(chosen)), "gap": (0.72, 0.62), "margins": (0.72, 0.15, 0.75, 0.35)}
-    figure = new_figure(*grid_size(rows, columns, **layout), layout=None)
     drawn = f", {len(chosen)} drawn" if len(chosen) < len(history) else ""
     title = (
         f"Weight evolution of layer {latest.layer_id} {shorten(printable(latest.layer_name), 60)} "
         f"({latest.layer_type}), {len(history)} call(s){drawn}"
     )
+    width, height = grid_size(rows, columns, **layout)
+    figure = new_figure(max(width, text_width_in(title, 9.5) + 0.15), height, layout=None)  # the title fits
     figure.set_label(title)
     figure.text(0.05 / figure.get_figwidth(), 1 - 0.06 / figure.get_figheight(), title, fontsize=9.5, va="top")
     for name, ax in zip(names, panel_grid(figure, len(names), columns, cells=cells, **layout), strict=True):
@@ -501,11 +511,11 @@ def weight_evolution_figure(history: Sequence[LayerHistograms]) -> Figure:
 
 def _first_call_figure(layer: LayerHistograms) -> Figure:
     """What the evolution figure shows after the first call: a note (redrawn from the second call on)."""
-    figure = new_figure(7.0, 0.55, layout=None)
     title = (
         f"Weight evolution of layer {layer.layer_id} {shorten(printable(layer.layer_name), 60)} "
         f"({layer.layer_type}): one call so far (call {layer.call}); the course over calls is drawn from the next one"
     )
+    figure = new_figure(text_width_in(title, 8.5) + 0.2, 0.55, layout=None)
     figure.set_label(title)
     figure.text(0.01, 0.5, title, fontsize=8.5, va="center")
     return figure
