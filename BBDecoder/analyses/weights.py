@@ -14,8 +14,8 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,70 +27,25 @@ from ..core.model import accumulator_dtype
 from ..errors import BBDecoderTypeError, BBDecoderValueError, WeightHistogramWarning
 from ..output import layout
 from ._base import AnalyzerBase
+from .histograms import PILE_UP, SATURATION, LayerHistograms, ParamHistogram
 
 DEFAULT_CHUNK = 1 << 24
 """Largest number of elements of one parameter handled at once (as float64: 128 MiB)."""
 
-SATURATION = 0.99
-"""Saturation bands: the outer ``(1 - SATURATION) / 2`` of the finite range at each end.
-
-For a range symmetric about 0 that is ``|w| >= SATURATION * max|w|``. Elements in a band
-count as saturated only where they pile up (see :data:`PILE_UP` and :func:`tensor_histogram`).
-"""
-
-PILE_UP = 4.0
-"""A band piles up when it holds, besides the extreme element itself, more than ``PILE_UP``
-times the elements an even spread over the tensor's range would put there (plus a margin
-for chance clusters in small tensors; see :func:`tensor_histogram`)."""
+__all__ = [
+    "PILE_UP",
+    "SATURATION",
+    "LayerHistograms",
+    "ParamHistogram",
+    "WeightMixin",
+    "collect_histograms",
+    "histogram_arrays",
+    "load_histograms",
+    "tensor_histogram",
+]
 
 SECTION = "weights"
 _STATS = ("numel", "finite", "sum", "sum_squares", "mean", "std", "min", "max", "zeros", "saturated")
-
-
-@dataclass
-class ParamHistogram:
-    """Histogram and statistics of one parameter tensor, on the host.
-
-    ``std`` is the population standard deviation; ``mean``, ``std``, ``min``, ``max``,
-    ``sum`` and ``sum_squares`` are over the finite elements; ``zeros_fraction`` and
-    ``saturation_fraction`` are fractions of all ``numel`` elements.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    edges: np.ndarray
-    counts: np.ndarray
-    numel: int
-    finite: int
-    mean: float
-    std: float
-    min: float
-    max: float
-    sum: float
-    sum_squares: float
-    zeros_fraction: float
-    saturation_fraction: float
-    tied: tuple[str, ...] = ()
-    """The tensor's other full names in the model (tied weights: computed once, shown under each)."""
-
-    @property
-    def nonfinite(self) -> int:
-        return self.numel - self.finite
-
-    @property
-    def abs_max(self) -> float:
-        return max(abs(self.min), abs(self.max)) if self.finite else float("nan")
-
-
-@dataclass
-class LayerHistograms:
-    """Every parameter tensor of one layer at one call."""
-
-    layer_id: int
-    layer_name: str
-    layer_type: str
-    call: int
-    params: list[ParamHistogram] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ computation
@@ -495,9 +450,7 @@ class WeightMixin(AnalyzerBase):
         results = collect_histograms(layers, bins, call, names=names)
         if not self.is_main_process:
             return []
-        written: list[Path] = []
-        for result in results:
-            written += self._write_layer_histograms(result, folder)
+        written = self._write_histograms(results, folder)
         if self.events.wanted("weights_histogram"):
             grads = collect_histograms(layers, bins, call, grads=True, names=names)
             self.events.emit("weights_histogram", call=call, weights=results, grads=grads)
@@ -532,32 +485,43 @@ class WeightMixin(AnalyzerBase):
             self._weight_history[name] = sorted(earlier, key=lambda h: h.call)
         return self._weight_history[name]
 
-    def _write_layer_histograms(self, result: LayerHistograms, folder: Path) -> list[Path]:
+    def _write_histograms(self, results: Sequence[LayerHistograms], folder: Path) -> list[Path]:
+        """Per layer: the call's figure, its ``.npz`` and the evolution figure redrawn, in that order.
+
+        The figures of all layers are drawn first, together (shared with the figure helper,
+        :mod:`BBDecoder.plots.helper`); a figure that failed raises where its file would go,
+        after the files of the layers before it.
+        """
+        from ..plots.helper import draw_pngs
         from ..plots.weights import weight_evolution_figure, weight_histogram_figure
 
-        history = self._weight_history_of(result.layer_name)
-        history.append(result)
+        jobs = []
+        for result in results:
+            history = self._weight_history_of(result.layer_name)
+            history.append(result)
+            jobs += [(weight_histogram_figure, (result,)), (weight_evolution_figure, (list(history),))]
+        pngs = iter(draw_pngs(jobs))
+        written: list[Path] = []
+        for result in results:
+            layer = (result.layer_id, result.layer_name)
+            meta = {"layer_id": result.layer_id, "layer_name": result.layer_name, "call": result.call}
 
-        layer = (result.layer_id, result.layer_name)
+            def where(kind: str, result: LayerHistograms = result, layer: tuple[int, str] = layer) -> str:
+                return layout.relative_path(SECTION, kind, folder=folder, layer=layer, call=result.call)
 
-        def where(kind: str) -> str:
-            return layout.relative_path(SECTION, kind, folder=folder, layer=layer, call=result.call)
+            histogram, evolution = next(pngs), next(pngs)
+            paths = [
+                self._write_png(histogram, where("histogram"), meta={**meta, "kind": "histogram"}),
+                self.store.write_npz(
+                    where("data"), histogram_arrays(result), section=SECTION, meta={**meta, "kind": "data"}
+                ),
+                # redrawn in place each call; the store keeps the manifest entry of its first write
+                self._write_png(evolution, where("evolution"), meta={**meta, "kind": "evolution"}, overwrite=True),
+            ]
+            written += [p for p in paths if p is not None]
+        return written
 
-        meta = {"layer_id": result.layer_id, "layer_name": result.layer_name, "call": result.call}
-        paths = [
-            self.store.save_figure(
-                weight_histogram_figure(result), where("histogram"), section=SECTION, meta={**meta, "kind": "histogram"}
-            ),
-            self.store.write_npz(
-                where("data"), histogram_arrays(result), section=SECTION, meta={**meta, "kind": "data"}
-            ),
-            # redrawn in place each call; the store keeps the manifest entry of its first write
-            self.store.save_figure(
-                weight_evolution_figure(history),
-                where("evolution"),
-                overwrite=True,
-                section=SECTION,
-                meta={**meta, "kind": "evolution"},
-            ),
-        ]
-        return [p for p in paths if p is not None]
+    def _write_png(self, png: bytes | Exception, relative: str, **kwargs: Any) -> Path | None:
+        if isinstance(png, Exception):
+            raise png
+        return self.store.write_bytes(relative, png, section=SECTION, **kwargs)

@@ -22,7 +22,7 @@ from matplotlib.colors import TwoSlopeNorm, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
-from ..analyses.weights import SATURATION
+from ..analyses.histograms import SATURATION
 from ..summary import printable
 from . import (
     PlainFormatter,
@@ -37,7 +37,7 @@ from . import (
 )
 
 if TYPE_CHECKING:
-    from ..analyses.weights import LayerHistograms, ParamHistogram
+    from ..analyses.histograms import LayerHistograms, ParamHistogram
 
 MAX_COLUMNS = 4
 MAX_PANELS = 16
