@@ -12,8 +12,12 @@ Two measurements, on the CPU, each the median of ``--repeats`` runs in fresh fol
   alone holding 144 tensors), first and second call (the second also redraws the
   evolution figures with two calls).
 
+The weight figures are drawn by this process and the figure helper together
+(:mod:`BBDecoder.plots.helper`); ``--no-helper`` draws them here alone. The CPU times are
+this process's only; the helper's are not in them.
+
 The models are the fixtures of ``tests/models.py`` (``DenseNet121Like``). Run:
-``python benchmarks/save_speed.py [--iterations 200] [--repeats 3] [--depth 2]``.
+``python benchmarks/save_speed.py [--iterations 200] [--repeats 3] [--depth 2] [--no-helper]``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from models import DenseNet121Like  # noqa: E402
 
 from BBDecoder import Master_analyzer  # noqa: E402
+from BBDecoder.plots import helper  # noqa: E402
 
 
 def time_save_grads(iterations: int, depth: int, folder: Path) -> tuple[float, float, int]:
@@ -82,7 +87,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--no-helper", action="store_true", help="draw every figure in this process")
     args = parser.parse_args()
+    if args.no_helper:
+        os.environ[helper.SWITCH] = "0"
     torch.set_num_threads(1)
     grads, grads_cpu, calls, calls_cpu = [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
@@ -106,6 +114,9 @@ def main() -> None:
             f"{median(c[index] for c in calls):.2f} s wall, {median(c[index] for c in calls_cpu):.2f} s CPU "
             f"(median of {args.repeats})"
         )
+    shared = helper._helper
+    state = "off" if args.no_helper or shared is None else f"on: it drew {shared.drawn} of the figures"
+    print(f"figure helper {state}")
     print(f"load average while running: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

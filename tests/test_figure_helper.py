@@ -95,3 +95,15 @@ def test_the_switch_turns_the_helper_off(monkeypatch: pytest.MonkeyPatch) -> Non
     assert helper._shared_helper() is None
     batch = jobs(4)
     assert helper.draw_pngs(batch) == [helper.png_bytes(*job) for job in batch]
+
+
+def test_the_helper_draws_with_this_process_settings(started: helper._Helper) -> None:
+    import matplotlib as mpl
+
+    batch = jobs(4)
+    plain = started.share(batch)
+    with mpl.rc_context({"axes.facecolor": "#ffeecc", "font.family": "monospace"}):
+        alone = [helper.png_bytes(*job) for job in batch]
+        shared = started.share(batch)
+    assert shared == alone and shared != plain  # the settings reached the helper, and changed the pictures
+    assert started.share(batch) == plain  # and left with the context

@@ -224,6 +224,9 @@ class _Helper:
             self.process.wait(timeout=1.0)
         except Exception:  # on the way out, whatever state it is in
             self.process.kill()
+            self.process.wait()
+        finally:
+            self._in.close()
 
     def _send(self, message: Any) -> None:
         pickle.dump(message, self._out, protocol=pickle.HIGHEST_PROTOCOL)
