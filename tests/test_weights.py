@@ -384,3 +384,26 @@ def test_every_layer_with_parameters_by_default(tmp_path: Path) -> None:
     assert drawn == {layer.name for layer in wm.layers if any(True for _ in layer.module.parameters())}
     with pytest.raises(BBDecoderValueError, match="no layer of the model holds parameters"):
         analyzer(nn.Sequential(nn.ReLU()), tmp_path / "empty").visualize_weight_hist()
+
+
+def test_a_failing_figure_keeps_the_numbers_of_its_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from BBDecoder.plots import weights as weight_plots
+
+    wm = analyzer(SmallCNN(), tmp_path)
+    drawn = weight_plots.weight_histogram_figure
+
+    def broken(layer: Any) -> Any:
+        if layer.layer_name == "fc":
+            raise RuntimeError("no figure for fc")
+        return drawn(layer)
+
+    monkeypatch.setattr(weight_plots, "weight_histogram_figure", broken)
+    with pytest.raises(RuntimeError, match="no figure for fc"):
+        wm.visualize_weight_hist([0, "fc"], bins=10)
+    entries = [(e["layer_name"], e["kind"]) for e in wm.store.outputs("weights")]
+    assert entries == [("conv1", "histogram"), ("conv1", "data"), ("conv1", "evolution"), ("fc", "data")]
+    assert load_histograms(tmp_path / "weights/007_fc/hist_call001.npz").params[0].numel == 80
+    monkeypatch.undo()
+    paths = wm.visualize_weight_hist([0, "fc"], bins=10)  # the next call continues from what is on disk
+    assert paths[3].name == "hist_call002.png" and paths[5].name == "evolution.png"
+    assert [h.call for h in wm._weight_history["fc"]] == [1, 2]

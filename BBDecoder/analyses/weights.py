@@ -489,17 +489,16 @@ class WeightMixin(AnalyzerBase):
         """Per layer: the call's figure, its ``.npz`` and the evolution figure redrawn, in that order.
 
         The figures of all layers are drawn first, together (shared with the figure helper,
-        :mod:`BBDecoder.plots.helper`); a figure that failed raises where its file would go,
-        after the files of the layers before it.
+        :mod:`BBDecoder.plots.helper`). A figure that failed raises where its file would go,
+        after the files of the layers before it and its own layer's ``.npz``.
         """
         from ..plots.helper import draw_pngs
         from ..plots.weights import weight_evolution_figure, weight_histogram_figure
 
         jobs = []
-        for result in results:
-            history = self._weight_history_of(result.layer_name)
-            history.append(result)
-            jobs += [(weight_histogram_figure, (result,)), (weight_evolution_figure, (list(history),))]
+        for result in results:  # the history grows once the call's data is on disk
+            history = [*self._weight_history_of(result.layer_name), result]
+            jobs += [(weight_histogram_figure, (result,)), (weight_evolution_figure, (history,))]
         pngs = iter(draw_pngs(jobs))
         written: list[Path] = []
         for result in results:
@@ -510,16 +509,22 @@ class WeightMixin(AnalyzerBase):
                 return layout.relative_path(SECTION, kind, folder=folder, layer=layer, call=result.call)
 
             histogram, evolution = next(pngs), next(pngs)
-            paths = [
-                self._write_png(histogram, where("histogram"), meta={**meta, "kind": "histogram"}),
-                self.store.write_npz(
-                    where("data"), histogram_arrays(result), section=SECTION, meta={**meta, "kind": "data"}
-                ),
-                # redrawn in place each call; the store keeps the manifest entry of its first write
-                self._write_png(evolution, where("evolution"), meta={**meta, "kind": "evolution"}, overwrite=True),
-            ]
+            paths = []
+            if not isinstance(histogram, Exception):
+                paths.append(self._write_png(histogram, where("histogram"), meta={**meta, "kind": "histogram"}))
+            paths.append(self._write_npz(result, where("data"), meta={**meta, "kind": "data"}))
+            if isinstance(histogram, Exception):
+                raise histogram  # the call's numbers are on disk: only its picture is missing
+            # redrawn in place each call; the store keeps the manifest entry of its first write
+            meta["kind"] = "evolution"
+            paths.append(self._write_png(evolution, where("evolution"), meta=meta, overwrite=True))
             written += [p for p in paths if p is not None]
         return written
+
+    def _write_npz(self, result: LayerHistograms, relative: str, **kwargs: Any) -> Path | None:
+        path = self.store.write_npz(relative, histogram_arrays(result), section=SECTION, **kwargs)
+        self._weight_history_of(result.layer_name).append(result)
+        return path
 
     def _write_png(self, png: bytes | Exception, relative: str, **kwargs: Any) -> Path | None:
         if isinstance(png, Exception):

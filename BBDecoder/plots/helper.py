@@ -84,9 +84,9 @@ _lock = threading.Lock()
 
 
 def _shared_helper() -> _Helper | None:
-    """The helper of this process, started on first use; ``None`` where it is off, failed or died."""
+    """The helper of this process, started on first use; ``None`` where it is off, cannot run or died."""
     global _helper, _failed
-    if _failed or os.environ.get(SWITCH, "1").strip() == "0" or _cores() < 2:
+    if _failed or os.environ.get(SWITCH, "1").strip() == "0" or _cores() < 2 or not _is_python(sys.executable):
         return None
     with _lock:
         if _helper is not None and _helper.owner != os.getpid():
@@ -94,11 +94,17 @@ def _shared_helper() -> _Helper | None:
         if _helper is None:
             try:
                 _helper = _Helper()
-            except (OSError, ValueError, pickle.PicklingError):
-                _failed = True  # no interpreter to start (an embedded Python): drawn here from now on
+            except Exception:  # no interpreter to start: drawn here from now on
+                _failed = True
                 return None
             atexit.register(_helper.stop)
         return _helper if _helper.alive else None
+
+
+def _is_python(executable: str) -> bool:
+    """Whether ``executable`` is a Python interpreter (a frozen or embedding app's own program is not)."""
+    name = os.path.basename(executable or "").lower()
+    return not getattr(sys, "frozen", False) and name.startswith(("python", "pypy"))
 
 
 def _cores() -> int:
@@ -109,7 +115,12 @@ def _cores() -> int:
 
 
 class _Helper:
-    """One helper process and the protocol with it: pickled messages over its stdin and stdout."""
+    """One helper process and the protocol with it: pickled messages over its stdin and stdout.
+
+    The helper answers each message in turn: first ``("ready", path of its BBDecoder.plots)``,
+    then a ``("png", bytes)`` or ``("error", text)`` per job. One reader thread per batch
+    sends it jobs and reads the answers; nothing else talks to it meanwhile.
+    """
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
@@ -117,50 +128,76 @@ class _Helper:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, SWITCH: "0"},  # whatever runs there starts no helper of its own
+            start_new_session=True,  # Ctrl-C in a terminal or a notebook is this process's, not the helper's
         )
         self.owner = os.getpid()
         self.alive = True
+        self.ready = False
         self.drawn = 0
         """Figures the helper has drawn (tests and benchmarks read it)."""
         self._reader: threading.Thread | None = None
         self._rc: dict[str, Any] | None = None
+        self._busy = threading.Lock()
         assert self.process.stdin is not None and self.process.stdout is not None
         self._out: BinaryIO = self.process.stdin
         self._in: BinaryIO = self.process.stdout
-        self._send(list(sys.path))
+        try:  # '' and relative entries mean this process's folder, not the helper's
+            self._send([os.path.abspath(entry) for entry in sys.path])
+        except Exception:
+            self.stop()
+            raise
 
     def share(self, jobs: Sequence[Job]) -> list[bytes | Exception] | None:
         """Draw ``jobs`` here and in the helper; ``None`` when the helper cannot take part."""
-        if self._reader is not None:  # the last batch's reply to a job drawn here meanwhile
-            self._reader.join(timeout=10.0)
-            if self._reader.is_alive():
-                self.stop()
+        if not self._busy.acquire(blocking=False):
+            return None  # another thread is sharing a batch: this one draws its own
+        try:
+            return self._share(jobs)
+        finally:
+            self._busy.release()
+
+    def _share(self, jobs: Sequence[Job]) -> list[bytes | Exception] | None:
+        if self._reader is not None and self._reader.is_alive():
+            if not self.ready:
+                self.stop()  # a whole batch went by without it starting: it will not
+            else:
+                self._reader.join(timeout=10.0)  # its answer to a job drawn here meanwhile
+                if self._reader.is_alive():
+                    self.stop()
         if not self.alive or self.process.poll() is not None:
             self.alive = False
             return None
         try:
             self._send_rc()
-        except (OSError, ValueError, pickle.PicklingError):
-            self.stop()
+        except Exception:  # settings that cannot be sent (a local class in them): drawn here
             return None
         results: list[bytes | Exception | None] = [None] * len(jobs)
         done = [False] * len(jobs)
         queue = deque(range(len(jobs)))
+        here_only: set[int] = set()  # jobs that cannot be sent
         flight: list[int | None] = [None]  # the job the helper draws now
         turn = threading.Condition()
 
         def feed() -> None:
+            if not self.ready and not self._handshake():
+                with turn:
+                    turn.notify_all()
+                return
             while True:
                 with turn:
-                    if not queue or not self.alive:
+                    candidates = [i for i in queue if i not in here_only and not done[i]]
+                    if not candidates or not self.alive:
                         return
-                    index = queue.pop()
+                    index = candidates[-1]
+                    queue.remove(index)
                     flight[0] = index
                 try:
                     message = pickle.dumps(jobs[index], protocol=pickle.HIGHEST_PROTOCOL)
                 except Exception:  # not plain data: drawn here
                     with turn:
                         flight[0] = None
+                        here_only.add(index)
                         queue.appendleft(index)
                         turn.notify_all()
                     continue
@@ -186,46 +223,72 @@ class _Helper:
         self._reader = threading.Thread(target=feed, name="BBDecoder figure helper", daemon=True)
         self._reader.start()
         spent: list[float] = []
-        while True:
-            with turn:
-                if queue:
-                    index = queue.popleft()
-                else:
-                    busy = flight[0]
-                    if busy is None or done[busy]:
-                        break
-                    # the helper draws the last one: wait about as long as a figure takes here, then draw it too
-                    turn.wait(timeout=statistics.median(spent) if spent else 0.5)
-                    busy = flight[0]
-                    if busy is None or done[busy]:
-                        continue
-                    index = busy
-            began = time.perf_counter()
-            result = _attempt(jobs[index])
-            spent.append(time.perf_counter() - began)
-            with turn:
-                if not done[index]:
-                    results[index], done[index] = result, True
+        try:
+            while True:
+                with turn:
+                    if queue:
+                        index = queue.popleft()
+                    else:
+                        busy = flight[0]
+                        if busy is None or done[busy]:
+                            break
+                        # the helper draws the last one: wait about as long as a figure takes here, then draw it too
+                        turn.wait(timeout=statistics.median(spent) if spent else 0.5)
+                        busy = flight[0]
+                        if busy is None or done[busy]:
+                            continue
+                        index = busy
+                if done[index]:
+                    continue
+                began = time.perf_counter()
+                result = _attempt(jobs[index])
+                spent.append(time.perf_counter() - began)
+                with turn:
+                    if not done[index]:
+                        results[index], done[index] = result, True
+        finally:
+            with turn:  # interrupted (Ctrl-C): the helper gets nothing more of this batch
+                queue.clear()
         return [result if result is not None else RuntimeError("figure not drawn") for result in results]
+
+    def _handshake(self) -> bool:
+        """Read the helper's first answer; it must run this very BBDecoder."""
+        try:
+            kind, where = pickle.load(self._in)
+        except Exception:
+            kind, where = "dead", None
+        if kind != "ready" or where != os.path.dirname(os.path.abspath(__file__)):
+            self.alive = False
+            self.stop()
+            return False
+        self.ready = True
+        return True
 
     def modules(self) -> list[str]:
         """The modules the helper has imported (to check it holds no torch)."""
-        if self._reader is not None:
-            self._reader.join(timeout=10.0)
-        self._send(("modules", None))
-        _, payload = pickle.load(self._in)
-        return list(payload)
+        with self._busy:
+            if self._reader is not None:
+                self._reader.join(timeout=10.0)
+            if not self.ready and not self._handshake():
+                return []
+            self._send(("modules", None))
+            _, payload = pickle.load(self._in)
+            return list(payload)
 
     def stop(self) -> None:
-        """End the helper (its stdin closed; killed if it does not exit within a second)."""
+        """End the helper: its stdin closed, killed if it does not exit within a second or is busy."""
         self.alive = False
-        try:
+        reader = self._reader
+        if reader is not None and reader.is_alive() and reader is not threading.current_thread():
+            self.process.kill()  # the reader may be blocked writing to it: closing the pipe would wait for it
+        with contextlib.suppress(Exception):
             self._out.close()
+        try:
             self.process.wait(timeout=1.0)
-        except Exception:  # on the way out, whatever state it is in
+        except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        finally:
+        with contextlib.suppress(Exception):
             self._in.close()
 
     def _send(self, message: Any) -> None:
@@ -235,7 +298,8 @@ class _Helper:
     def _send_rc(self) -> None:
         import matplotlib as mpl
 
-        rc = {key: value for key, value in mpl.rcParams.items() if key != "backend"}
+        # the stored values (reading rcParams["backend"] would resolve it: import pyplot and a GUI toolkit)
+        rc = {key: value for key, value in dict.items(mpl.rcParams) if key != "backend"}
         if rc != self._rc:
             self._send(("rc", rc))
             self._rc = rc
@@ -243,20 +307,24 @@ class _Helper:
 
 # ------------------------------------------------------------------ the helper
 def serve(incoming: BinaryIO, outgoing: BinaryIO) -> None:
-    """The helper's loop: apply rcParams, draw jobs, answer; until its stdin closes."""
+    """The helper's loop: say where it runs from, then apply rcParams, draw jobs, answer; until stdin closes."""
     import warnings
 
     import matplotlib as mpl
 
+    pickle.dump(("ready", os.path.dirname(os.path.abspath(__file__))), outgoing, protocol=pickle.HIGHEST_PROTOCOL)
+    outgoing.flush()
     while True:
         try:
             kind, payload = pickle.load(incoming)
         except EOFError:
             return
         if kind == "rc":
-            with warnings.catch_warnings(), contextlib.suppress(Exception):  # a setting it cannot take: its own
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                mpl.rcParams.update(payload)
+                for key, value in payload.items():
+                    with contextlib.suppress(Exception):  # a setting it cannot take: it keeps its own
+                        mpl.rcParams[key] = value
             continue
         if kind == "modules":
             reply: tuple[str, Any] = ("modules", sorted(sys.modules))
