@@ -350,15 +350,18 @@ def test_a_cut_png_matches_matplotlibs_tight_box() -> None:
     """PlotFigure draws once and cuts the inked box; the picture is matplotlib's own tight save."""
     from BBDecoder.plots import new_figure
 
-    def drawn(spill: bool) -> Figure:
+    def drawn(spill: str) -> Figure:
         figure = new_figure(4.0, 2.0, layout=None)
         ax = figure.add_axes((0.2, 0.25, 0.6, 0.5))
-        ax.plot([0, 1, 2], [3, 1, 2])
+        ax.plot([0, 1, 2], [3, 1, 2], label="a line")
         ax.set_title("a title")
-        figure.text(1.05 if spill else 0.02, 0.95, "a note that may spill past the right edge", fontsize=8, va="top")
+        note_x = 1.05 if spill == "note" else 0.02
+        figure.text(note_x, 0.95, "a note that may spill past the right edge", fontsize=8, va="top")
+        if spill == "legend":  # wholly beyond the edge: no ink of it on the canvas
+            ax.legend(loc="upper left", bbox_to_anchor=(1.9, 1.0))
         return figure
 
-    for spill in (False, True):
+    for spill in ("none", "note", "legend"):
         buffer = io.BytesIO()
         drawn(spill).savefig(buffer, format="png", dpi=STORE_DPI, bbox_inches="tight")
         reference = io.BytesIO()
@@ -367,7 +370,7 @@ def test_a_cut_png_matches_matplotlibs_tight_box() -> None:
         # the same picture, give or take a few pixels of margin: the cut counts the faint edge of
         # antialiased ink, matplotlib's box leaves it out and rounds its edges
         assert abs(ours.shape[0] - theirs.shape[0]) <= 4 and abs(ours.shape[1] - theirs.shape[1]) <= 4, spill
-        if spill:  # the note lies outside the figure: it was measured, the picture is wider than the figure
+        if spill != "none":  # it lies outside the figure: it was measured, the picture is wider than the figure
             assert ours.shape[1] > 4.0 * STORE_DPI
         ours, theirs = inked(ours), inked(theirs)
         assert ours.shape == theirs.shape and (ours != theirs).mean() < 0.01, spill

@@ -120,7 +120,7 @@ class PlotFigure(Figure):
         return True
 
     def _text_boxes(self, renderer: Any) -> list[Any]:
-        """Display boxes of the figure's texts and of each axes' texts, titles, axis and tick labels.
+        """Display boxes of the figure's texts and legends, and of each axes' texts, legend, axis and tick labels.
 
         The tick labels are those of the ticks inside the view, as the drawing just placed
         them (asking the axis for its labels would compute its ticks once more).
@@ -128,17 +128,21 @@ class PlotFigure(Figure):
         from matplotlib.text import Text
 
         texts = list(self.texts)
+        boxes = [legend.get_window_extent(renderer) for legend in self.legends]  # a legend may sit outside too
         for axes in self.axes:
             texts += [child for child in axes.get_children() if isinstance(child, Text)]
+            legend = axes.get_legend()
+            if legend is not None and legend.get_visible():
+                boxes.append(legend.get_window_extent(renderer))
             for axis in (axes.xaxis, axes.yaxis):
-                texts.append(axis.label)
+                texts += [axis.label, axis.offsetText]
                 low, high = sorted(axis.get_view_interval())
                 slack = 1e-9 * (high - low)
                 for tick in (*axis.majorTicks, *axis.minorTicks):
                     where = tick.get_loc()
                     if where is not None and low - slack <= where <= high + slack:
                         texts += [tick.label1, tick.label2]
-        return [
+        return boxes + [
             text.get_window_extent(renderer)
             for text in texts
             if text.get_visible() and text.get_in_layout() and text.get_text()
