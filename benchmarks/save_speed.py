@@ -14,7 +14,9 @@ Two measurements, on the CPU, each the median of ``--repeats`` runs in fresh fol
 
 The weight figures are drawn by this process and the figure helper together
 (:mod:`BBDecoder.plots.helper`); ``--no-helper`` draws them here alone. The CPU times are
-this process's only; the helper's are not in them.
+this process's only; the helper's are not in them. The helper starts at the first call of
+the first repeat (in a fresh process: the first of the listed times) and serves the later
+repeats warm.
 
 The models are the fixtures of ``tests/models.py`` (``DenseNet121Like``). Run:
 ``python benchmarks/save_speed.py [--iterations 200] [--repeats 3] [--depth 2] [--no-helper]``.
@@ -112,7 +114,7 @@ def main() -> None:
         print(
             f"visualize_weight_hist, every layer of DenseNet-121 ({params} tensors, depth {args.depth}), {name} call: "
             f"{median(c[index] for c in calls):.2f} s wall, {median(c[index] for c in calls_cpu):.2f} s CPU "
-            f"(median of {args.repeats})"
+            f"(median of {args.repeats}; wall: " + ", ".join(f"{c[index]:.2f}" for c in calls) + ")"
         )
     shared = helper._helper
     state = "off" if args.no_helper or shared is None else f"on: it drew {shared.drawn} of the figures"
