@@ -107,3 +107,14 @@ def test_the_helper_draws_with_this_process_settings(started: helper._Helper) ->
         shared = started.share(batch)
     assert shared == alone and shared != plain  # the settings reached the helper, and changed the pictures
     assert started.share(batch) == plain  # and left with the context
+
+
+@pytest.mark.parametrize("tensors", [3, 20])  # ridges, and a container's drift figure
+def test_what_is_sent_stays_bounded_and_draws_the_same_figure(tensors: int) -> None:
+    history = [layer(tensors, call) for call in range(1, 51)]
+    sent = weight_plots.evolution_calls(history)
+    assert len(sent) == weight_plots.MAX_RIDGES and sent[0] is history[0] and sent[-1] is history[-1]
+    whole = helper.png_bytes(weight_plots.weight_evolution_figure, (history,))
+    assert helper.png_bytes(weight_plots.weight_evolution_figure, (sent, len(history))) == whole
+    title = weight_plots.weight_evolution_figure(sent, len(history)).get_label()
+    assert "50 call(s)" in title and "40 drawn" in title

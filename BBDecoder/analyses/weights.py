@@ -493,12 +493,13 @@ class WeightMixin(AnalyzerBase):
         after the files of the layers before it and its own layer's ``.npz``.
         """
         from ..plots.helper import draw_pngs
-        from ..plots.weights import weight_evolution_figure, weight_histogram_figure
+        from ..plots.weights import evolution_calls, weight_evolution_figure, weight_histogram_figure
 
         jobs = []
         for result in results:  # the history grows once the call's data is on disk
             history = [*self._weight_history_of(result.layer_name), result]
-            jobs += [(weight_histogram_figure, (result,)), (weight_evolution_figure, (history,))]
+            drawn = (evolution_calls(history), len(history))  # the calls drawn: sent to the helper, whatever the count
+            jobs += [(weight_histogram_figure, (result,)), (weight_evolution_figure, drawn)]
         pngs = iter(draw_pngs(jobs))
         written: list[Path] = []
         for result in results:

@@ -443,7 +443,16 @@ def rebin(edges: np.ndarray, counts: np.ndarray, new_edges: np.ndarray) -> np.nd
 
 
 # ------------------------------------------------------------------ over calls
-def weight_evolution_figure(history: Sequence[LayerHistograms]) -> Figure:
+def evolution_calls(history: Sequence[LayerHistograms]) -> list[LayerHistograms]:
+    """The calls of ``history`` that :func:`weight_evolution_figure` draws: at most ``MAX_RIDGES``, evenly.
+
+    Pass them with ``calls=len(history)``: the figure is the same, and what a helper process
+    is sent stays that size however long training runs.
+    """
+    return [history[i] for i in spread(len(history), MAX_RIDGES)]
+
+
+def weight_evolution_figure(history: Sequence[LayerHistograms], calls: int | None = None) -> Figure:
     """The layer's histograms over calls: ridges per tensor, or heatmaps for a container.
 
     Up to :data:`MAX_PANELS` tensors: a ridge plot per tensor, one histogram per call
@@ -453,26 +462,29 @@ def weight_evolution_figure(history: Sequence[LayerHistograms]) -> Figure:
     course to draw: the figure is a one-line note (the call's histogram figure has it all).
 
     Args:
-        history: the layer's results, oldest first (the latest defines the panels).
+        history: the layer's results, oldest first (the latest defines the panels), or
+            the selection of them made by :func:`evolution_calls`.
+        calls: how many calls the layer has had (default ``len(history)``).
 
     Returns:
         The figure.
     """
     latest = history[-1]
-    if len(history) == 1:  # one ridge, or a drift of zero: the call's own figure says it all
+    calls = len(history) if calls is None else calls
+    if calls == 1:  # one ridge, or a drift of zero: the call's own figure says it all
         return _first_call_figure(latest)
     if len(latest.params) > MAX_PANELS:
-        return weight_drift_figure(history)
+        return weight_drift_figure(history, calls)
     names = [p.name for p in latest.params]
     shapes = {p.name: p.shape for p in latest.params}
     cells, rows, columns = panel_layout(names)
-    chosen = [history[i] for i in spread(len(history), MAX_RIDGES)]
+    chosen = evolution_calls(history)
     cmap = colormaps["viridis"]
     layout = {"panel": (2.35, 1.3 + 0.07 * len(chosen)), "gap": (0.72, 0.62), "margins": (0.72, 0.15, 0.75, 0.35)}
-    drawn = f", {len(chosen)} drawn" if len(chosen) < len(history) else ""
+    drawn = f", {len(chosen)} drawn" if len(chosen) < calls else ""
     title = (
         f"Weight evolution of layer {latest.layer_id} {shorten(printable(latest.layer_name), 60)} "
-        f"({latest.layer_type}), {len(history)} call(s){drawn}"
+        f"({latest.layer_type}), {calls} call(s){drawn}"
     )
     width, height = grid_size(rows, columns, **layout)
     figure = new_figure(max(width, text_width_in(title, 9.5) + 0.15), height, layout=None)  # the title fits
@@ -521,7 +533,7 @@ def _first_call_figure(layer: LayerHistograms) -> Figure:
     return figure
 
 
-def weight_drift_figure(history: Sequence[LayerHistograms]) -> Figure:
+def weight_drift_figure(history: Sequence[LayerHistograms], calls: int | None = None) -> Figure:
     """A container layer over calls: calls × tensors heatmaps of spread and mean drift.
 
     Top: ``log2(σ / σ₀)`` (red: widened, blue: narrowed; ±1 is a factor of 2). Middle:
@@ -532,13 +544,15 @@ def weight_drift_figure(history: Sequence[LayerHistograms]) -> Figure:
     :func:`weight_summary_figure`; a cell without a reference or a tensor is grey.
 
     Args:
-        history: the layer's results, oldest first.
+        history: the layer's results, oldest first, or the selection of :func:`evolution_calls`.
+        calls: how many calls the layer has had (default ``len(history)``).
 
     Returns:
         The figure.
     """
     latest = history[-1]
-    chosen = [history[i] for i in spread(len(history), MAX_RIDGES)]
+    total = len(history) if calls is None else calls
+    chosen = evolution_calls(history)
     keys = [(p.name, p.shape) for p in latest.params]
     index = {key: i for i, key in enumerate(keys)}
     tensors, calls = len(keys), len(chosen)
@@ -563,7 +577,7 @@ def weight_drift_figure(history: Sequence[LayerHistograms]) -> Figure:
     figure = new_figure(10.6, height, layout=None)
     title = (
         f"Weight drift of layer {latest.layer_id} {shorten(printable(latest.layer_name), 60)} ({latest.layer_type}): "
-        f"{tensors} tensors, {len(history)} call(s)" + (f", {calls} drawn" if calls < len(history) else "")
+        f"{tensors} tensors, {total} call(s)" + (f", {calls} drawn" if calls < total else "")
     )
     figure.set_label(title)
     figure.text(0.01, 1 - 0.06 / height, title, fontsize=9.5, weight="bold", va="top")
