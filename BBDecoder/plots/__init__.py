@@ -42,8 +42,8 @@ class PlotFigure(Figure):
     ``savefig(..., bbox_inches="tight")`` makes matplotlib measure every artist (a dry-run
     draw) and then draw the figure again. A figure laid out by hand (``layout=None``, as
     most of these are) and saved as PNG is instead drawn once on its own canvas; its tight
-    box is the inked pixels joined with the boxes of its texts (titles, notes, labels: their
-    line boxes, as matplotlib measures them), padded by ``pad_inches`` and cut out of the
+    box is the inked pixels joined with the boxes of its texts and legends (titles, notes,
+    labels: their line boxes, as matplotlib measures them), padded by ``pad_inches`` and cut out of the
     pixels. Measuring the artists again, as ``Figure.get_tightbbox`` does, would recompute
     every axis' ticks: a third of a drawing. Where ink reaches the canvas' edge or a text
     lies beyond it (an artist placed outside the figure), for a figure with a frame, figure
@@ -95,7 +95,7 @@ class PlotFigure(Figure):
             ours._is_saving = True  # a throwaway canvas, saving as savefig does: animated artists are drawn too
             ours.draw()
             pixels = np.asarray(ours.buffer_rgba())
-            box = _inked_box(pixels, self._text_boxes(ours.get_renderer()))
+            box = _inked_box(pixels, self._measured_boxes(ours.get_renderer()))
         finally:
             self.dpi = original
             self.set_canvas(canvas)
@@ -119,7 +119,7 @@ class PlotFigure(Figure):
         )
         return True
 
-    def _text_boxes(self, renderer: Any) -> list[Any]:
+    def _measured_boxes(self, renderer: Any) -> list[Any]:
         """Display boxes of the figure's texts and legends, and of each axes' texts, legend, axis and tick labels.
 
         The tick labels are those of the ticks inside the view, as the drawing just placed
@@ -149,11 +149,12 @@ class PlotFigure(Figure):
         ]
 
 
-def _inked_box(pixels: np.ndarray, texts: Sequence[Any]) -> tuple[int, int, int, int] | None:
-    """``(left, top, right, bottom)`` in pixels (top down) of what differs from the background, and ``texts``.
+def _inked_box(pixels: np.ndarray, boxes: Sequence[Any]) -> tuple[int, int, int, int] | None:
+    """``(left, top, right, bottom)`` in pixels (top down) of what differs from the background, and ``boxes``.
 
     The background is the corner's colour; ``None`` where ink reaches the canvas' edge, a
-    text box lies beyond it, or nothing is drawn: what lies there must be measured instead.
+    box (display coordinates) lies beyond it, or nothing is drawn: what lies there must be
+    measured instead.
     """
     height, width = pixels.shape[:2]
     flat = np.ascontiguousarray(pixels).view(np.uint32)[..., 0]  # one number per RGBA pixel
@@ -165,7 +166,7 @@ def _inked_box(pixels: np.ndarray, texts: Sequence[Any]) -> tuple[int, int, int,
     if not rows.size:
         return None
     left, top, right, bottom = int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1
-    for box in texts:  # display boxes: y up from the bottom
+    for box in boxes:  # display boxes: y up from the bottom
         x0, x1 = math.floor(box.x0), math.ceil(box.x1)
         y0, y1 = height - math.ceil(box.y1), height - math.floor(box.y0)
         if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
