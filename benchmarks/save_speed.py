@@ -19,14 +19,18 @@ the first repeat (in a fresh process: the first of the listed times) and serves 
 repeats warm.
 
 The models are the fixtures of ``tests/models.py`` (``DenseNet121Like``). Run:
-``python benchmarks/save_speed.py [--iterations 200] [--repeats 3] [--depth 2] [--no-helper]``.
+``python benchmarks/save_speed.py [--iterations 200] [--repeats 3] [--depth 2] [--no-helper]``;
+``--rounds N`` instead runs the two weight calls in ``2N`` fresh processes, helper off and on
+in turn (interleaved, so the machine's drift falls on both), and gives medians and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,16 +88,50 @@ def time_weight_hist(depth: int, folder: Path) -> tuple[list[float], list[float]
     return times, cpus, len(list(model.parameters()))
 
 
+def compare_helper(rounds: int, depth: int) -> None:
+    """Weight calls in fresh processes (the helper's start included), helper off and on in turn; medians and ratios."""
+    runs: dict[str, list[list[float]]] = {"off": [], "on": []}
+    for _ in range(rounds):
+        for state in runs:
+            command = [sys.executable, __file__, "--one-weight-run", "--depth", str(depth)]
+            command += ["--no-helper"] if state == "off" else []
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[state].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for index, name in enumerate(("first", "second")):
+        off, on = ([run[index] for run in runs[state]] for state in ("off", "on"))
+        ratio = statistics.median(b / a for a, b in zip(off, on, strict=True))
+        print(
+            f"visualize_weight_hist, {name} call, {rounds} rounds: helper off {statistics.median(off):.2f} s, "
+            f"on {statistics.median(on):.2f} s (on/off {ratio:.2f}; on ranged {min(on):.2f}–{max(on):.2f} s)"
+        )
+    print(f"load average while running: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--no-helper", action="store_true", help="draw every figure in this process")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="instead: this many rounds of the weight calls in fresh processes, helper off and on in turn",
+    )
+    parser.add_argument("--one-weight-run", action="store_true", help=argparse.SUPPRESS)  # a round's process
     args = parser.parse_args()
     if args.no_helper:
         os.environ[helper.SWITCH] = "0"
     torch.set_num_threads(1)
+    if args.one_weight_run:
+        with tempfile.TemporaryDirectory() as scratch:
+            times, _, _ = time_weight_hist(args.depth, Path(scratch))
+        print(json.dumps(times))
+        return
+    if args.rounds:
+        compare_helper(args.rounds, args.depth)
+        return
     grads, grads_cpu, calls, calls_cpu = [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
