@@ -4,38 +4,17 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
+from test_readability import layer_histograms
 
-from BBDecoder.analyses.histograms import LayerHistograms, ParamHistogram
+from BBDecoder.analyses.histograms import LayerHistograms
 from BBDecoder.plots import helper
 from BBDecoder.plots import weights as weight_plots
 
 
 def layer(count: int, call: int) -> LayerHistograms:
-    params = []
-    for index in range(count):
-        values = np.random.default_rng(index + 100 * call).normal(0.0, 0.1 * (index + 1), 500)
-        counts, edges = np.histogram(values, bins=20)
-        params.append(
-            ParamHistogram(
-                name=f"block{index}.weight",
-                shape=(500,),
-                edges=edges,
-                counts=counts,
-                numel=500,
-                finite=500,
-                mean=float(values.mean()),
-                std=float(values.std()),
-                min=float(values.min()),
-                max=float(values.max()),
-                sum=float(values.sum()),
-                sum_squares=float(np.dot(values, values)),
-                zeros_fraction=0.0,
-                saturation_fraction=0.0,
-            )
-        )
-    return LayerHistograms(call, f"layer{call}", "Sequential", call, params)
+    """A layer's call of ``count`` tensors (test_readability's), drifting from call to call."""
+    return layer_histograms(count, call=call, drift=0.1 * call)
 
 
 def jobs(count: int = 10) -> list[helper.Job]:

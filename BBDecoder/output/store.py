@@ -462,10 +462,10 @@ class Store:
         **kwargs: Any,
     ) -> Path | None:
         """Render a matplotlib Figure to the format named by the suffix, atomically."""
+        from ..plots import figure_bytes
+
         suffix = Path(relative).suffix.lstrip(".") or "png"
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format=suffix, dpi=dpi, bbox_inches="tight")
-        return self.write_bytes(relative, buffer.getvalue(), **kwargs)
+        return self.write_bytes(relative, figure_bytes(figure, suffix, dpi), **kwargs)
 
     def adopt(
         self,

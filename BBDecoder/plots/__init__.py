@@ -175,6 +175,15 @@ def _inked_box(pixels: np.ndarray, boxes: Sequence[Any]) -> tuple[int, int, int,
     return left, top, right, bottom
 
 
+def figure_bytes(figure: Figure, format: str = "png", dpi: int = STORE_DPI) -> bytes:
+    """``figure`` saved as ``format`` with a tight box: what the store writes, whoever draws it."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=format, dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
 def _png_info() -> Any:
     import matplotlib as mpl
     from PIL.PngImagePlugin import PngInfo

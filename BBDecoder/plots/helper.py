@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import io
 import os
 import pickle
 import statistics
@@ -33,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
-from . import STORE_DPI
+from . import figure_bytes
 
 Job = tuple[Callable[..., Any], tuple[Any, ...]]
 
@@ -56,11 +55,9 @@ serve(incoming, outgoing)
 """
 
 
-def png_bytes(draw: Callable[..., Any], args: tuple[Any, ...], dpi: int = STORE_DPI) -> bytes:
+def png_bytes(draw: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
     """The PNG of the figure ``draw(*args)``, as ``Store.save_figure`` writes it."""
-    buffer = io.BytesIO()
-    draw(*args).savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return buffer.getvalue()
+    return figure_bytes(draw(*args))
 
 
 def draw_pngs(jobs: Sequence[Job]) -> list[bytes | Exception]:

@@ -551,14 +551,14 @@ def weight_drift_figure(history: Sequence[LayerHistograms], calls: int | None = 
         The figure.
     """
     latest = history[-1]
-    total = len(history) if calls is None else calls
+    calls = len(history) if calls is None else calls
     chosen = evolution_calls(history)
     keys = [(p.name, p.shape) for p in latest.params]
     index = {key: i for i, key in enumerate(keys)}
-    tensors, calls = len(keys), len(chosen)
-    std = np.full((calls, tensors), np.nan)
-    mean = np.full((calls, tensors), np.nan)
-    sat = np.full((calls, tensors), np.nan)
+    tensors, drawn = len(keys), len(chosen)
+    std = np.full((drawn, tensors), np.nan)
+    mean = np.full((drawn, tensors), np.nan)
+    sat = np.full((drawn, tensors), np.nan)
     for c, record in enumerate(chosen):
         for p in record.params:
             i = index.get((p.name, p.shape))
@@ -571,13 +571,13 @@ def weight_drift_figure(history: Sequence[LayerHistograms], calls: int | None = 
         shift = (mean - first_mean[None, :]) / first_std[None, :]
     widen = np.where(np.isfinite(widen), widen, np.nan)
     shift = np.where(np.isfinite(shift), shift, np.nan)
-    panel_in = float(np.clip(0.12 * calls + 0.5, 0.9, 2.6))
+    panel_in = float(np.clip(0.12 * drawn + 0.5, 0.9, 2.6))
     label_in, header_in = 1.05, 0.75
     height = header_in + 3 * (panel_in + 0.35) + label_in
     figure = new_figure(10.6, height, layout=None)
     title = (
         f"Weight drift of layer {latest.layer_id} {shorten(printable(latest.layer_name), 60)} ({latest.layer_type}): "
-        f"{tensors} tensors, {total} call(s)" + (f", {calls} drawn" if calls < total else "")
+        f"{tensors} tensors, {calls} call(s)" + (f", {drawn} drawn" if drawn < calls else "")
     )
     figure.set_label(title)
     figure.text(0.01, 1 - 0.06 / height, title, fontsize=9.5, weight="bold", va="top")
@@ -610,7 +610,7 @@ def weight_drift_figure(history: Sequence[LayerHistograms], calls: int | None = 
         else:
             top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
             image = ax.imshow(shown, aspect="auto", cmap=cmap, interpolation="nearest", vmin=0, vmax=max(top, 1.0))
-        ticks = spread(calls, 4)
+        ticks = spread(drawn, 4)
         ax.set_yticks(ticks, [f"call {call_numbers[t]}" for t in ticks], fontsize=7.5)
         ax.set_title(label, fontsize=8.5, loc="left", y=1.0)
         if 0 < len(boundaries) <= 60:
